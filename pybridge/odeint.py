@@ -1,0 +1,69 @@
+"""A drop-in for torchdiffeq.odeint, solved by pybridge (torchdiffeq's defaults and semantics)."""
+from __future__ import annotations
+
+import torch
+
+from . import solvers as S
+from .problem import ODEProblem
+from .solve import solve
+
+# torchdiffeq method name -> pybridge solver
+METHODS = {
+    "euler": S.Euler, "midpoint": S.Midpoint, "heun": S.Heun, "rk4": S.RK4,
+    "bosh3": S.BS3, "dopri5": S.DP5, "tsit5": S.Tsit5, "vern7": S.Vern7,
+}
+# torchdiffeq option -> solve() keyword
+OPTIONS = {"step_size": "dt", "first_step": "dt", "max_num_steps": "max_steps", "dtype": None}
+
+
+def odeint(func, y0, t, *, rtol: float = 1e-7, atol: float = 1e-9, method: str = "dopri5",
+           options: dict | None = None, event_fn=None) -> torch.Tensor:
+    """Solve like torchdiffeq.odeint: y0 (any shape, or a tuple of tensors) is one state,
+    func(t, y) gets a 0-d t, the error norm is the RMS over all of y; returns (T, *y0.shape)."""
+    if event_fn is not None:
+        raise ValueError("odeint: event_fn is not supported by pybridge")
+    if method not in METHODS:
+        raise ValueError(f"odeint: unknown method {method!r}; pybridge supports {sorted(METHODS)}")
+    kwargs = {}
+    for key, val in (options or {}).items():
+        if key not in OPTIONS:
+            raise ValueError(f"odeint: unknown option {key!r} for method {method!r}; "
+                             f"supported options: {sorted(OPTIONS)}")
+        if OPTIONS[key] is not None:
+            kwargs[OPTIONS[key]] = float(val) if OPTIONS[key] == "dt" else int(val)
+    if isinstance(y0, tuple):
+        return _odeint_tuple(func, y0, t, rtol, atol, method, kwargs)
+    t = _as_times(t, y0)
+    prob = ODEProblem(func, y0, t, batched=False)
+    solver = METHODS[method]()
+    if not solver.adaptive and "dt" not in kwargs:
+        raise ValueError(f"odeint: method {method!r} is fixed-step and needs options={{'step_size': ...}}")
+    return solve(prob, solver, rtol=rtol, atol=atol, **kwargs).ys
+
+
+def _as_times(t, y0):
+    if isinstance(t, torch.Tensor) and t.is_floating_point() and isinstance(y0, torch.Tensor):
+        return t.to(y0.dtype)
+    return t
+
+
+def _odeint_tuple(func, y0s, t, rtol, atol, method, kwargs):
+    """torchdiffeq accepts a tuple state: pack it into one flat vector and unpack the result."""
+    shapes = [y.shape for y in y0s]
+    sizes = [y.numel() for y in y0s]
+    flat0 = torch.cat([y.reshape(-1) for y in y0s])
+
+    def unpack(flat):
+        return tuple(p.reshape(s) for p, s in zip(torch.split(flat, sizes), shapes))
+
+    def flat_func(tt, flat):
+        return torch.cat([d.reshape(-1) for d in func(tt, unpack(flat))])
+
+    ys = odeint(flat_func, flat0, _as_times(t, flat0), rtol=rtol, atol=atol, method=method,
+                options={k: v for k, v in _back(kwargs).items()})
+    return tuple(p.reshape((ys.shape[0],) + tuple(s)) for p, s in zip(torch.split(ys, sizes, dim=1), shapes))
+
+
+def _back(kwargs):
+    inverse = {"dt": "step_size", "max_steps": "max_num_steps"}
+    return {inverse[k]: v for k, v in kwargs.items()}

@@ -1,0 +1,123 @@
+"""`solve`: argument checking and engine dispatch."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+
+from .problem import ODEProblem
+from .solution import ReturnCode, Solution
+from .solvers import Solver, Tsit5
+
+ENGINES = ("torch", "julia")
+BATCH_MODES = ("independent", "lockstep")
+
+
+class SolveError(RuntimeError):
+    """A solve failed for at least one sample and `raise_on_failure=True` was asked."""
+
+
+def solve(prob: ODEProblem, solver: Optional[Solver] = None, *, engine: str = "torch",
+          rtol=1e-3, atol=1e-6, dt: Optional[float] = None, adaptive: Optional[bool] = None,
+          dtmin: float = 0.0, dtmax: Optional[float] = None, max_steps: int = 100_000,
+          dense: bool = False, batch: str = "independent", differentiable_dt: bool = False,
+          raise_on_failure: bool = False) -> Solution:
+    """Solve `prob` with `solver` (default Tsit5()) and return a Solution (see its docstring).
+
+    rtol, atol: floats, or tensors broadcastable to y0 (per-component tolerances); defaults are
+    DifferentialEquations.jl's. dt: the fixed step (adaptive=False) or the first step. batch:
+    "independent" (every sample its own steps) or "lockstep" (one step size, error norm over the
+    batch, as torchdiffeq). differentiable_dt keeps gradients through the step-size controller.
+    """
+    solver = Tsit5() if solver is None else solver
+    if not isinstance(prob, ODEProblem):
+        raise TypeError(f"prob must be a pybridge.ODEProblem; got {type(prob).__name__}")
+    if not isinstance(solver, Solver):
+        raise TypeError(f"solver must be a pybridge solver such as pb.Tsit5(); got {solver!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}; got {engine!r}")
+    if batch not in BATCH_MODES:
+        raise ValueError(f"batch must be one of {BATCH_MODES}; got {batch!r}")
+    lockstep = batch == "lockstep"
+    if lockstep and prob.t.dim() == 2:
+        raise ValueError("batch='lockstep' steps all samples together and needs shared times t of shape (T,); "
+                         f"got per-sample t of shape {tuple(prob.t.shape)} (use batch='independent')")
+    _check_tolerance("rtol", rtol, prob)
+    _check_tolerance("atol", atol, prob)
+    adaptive = solver.adaptive if adaptive is None else bool(adaptive)
+    if dt is not None:
+        if isinstance(dt, torch.Tensor):
+            dt = float(dt)
+        if not isinstance(dt, (int, float)) or not math.isfinite(dt) or dt <= 0:
+            raise ValueError(f"dt must be a positive finite number; got {dt!r}")
+    if not adaptive and dt is None:
+        raise ValueError(f"{solver!r} with fixed steps needs a step size: pass dt=... "
+                         "(or adaptive=True for a method with an error estimate)")
+    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
+        raise ValueError(f"max_steps must be an integer >= 1; got {max_steps!r}")
+    if not (isinstance(dtmin, (int, float)) and dtmin >= 0):
+        raise ValueError(f"dtmin must be a number >= 0; got {dtmin!r}")
+    if dtmax is not None and not (isinstance(dtmax, (int, float)) and dtmax > 0):
+        raise ValueError(f"dtmax must be a positive number or None; got {dtmax!r}")
+    if dtmax is not None and dtmin > dtmax:
+        raise ValueError(f"dtmin ({dtmin}) must not exceed dtmax ({dtmax})")
+
+    if engine == "julia":
+        from .julia_engine import solve_ode as julia_solve
+        sol = julia_solve(prob, solver, rtol=rtol, atol=atol, dt=dt, adaptive=adaptive, dtmin=dtmin,
+                          dtmax=dtmax, max_steps=max_steps, dense=dense, lockstep=lockstep)
+    else:
+        from .torch_engine.engine import build_method, solve_ode
+        if adaptive and not build_method(solver, prob.y0.dtype, prob.y0.device).adaptive:
+            raise ValueError(f"{solver!r} has no error estimate, so it cannot step adaptively: "
+                             "pass adaptive=False with dt=...")
+        sol = solve_ode(prob, solver, rtol=rtol, atol=atol, dt=dt, adaptive=adaptive, dtmin=dtmin,
+                        dtmax=dtmax, max_steps=max_steps, dense=dense, lockstep=lockstep,
+                        differentiable_dt=differentiable_dt)
+    _report_failures(sol, raise_on_failure)
+    return sol
+
+
+def _check_tolerance(name, tol, prob):
+    if isinstance(tol, torch.Tensor):
+        if not tol.is_floating_point():
+            raise TypeError(f"{name} must be a float or a floating tensor; got dtype {tol.dtype}")
+        if tol.device != prob.y0.device:
+            raise ValueError(f"{name} is on {tol.device} but y0 is on {prob.y0.device}")
+        try:
+            torch.broadcast_shapes(tol.shape, prob.y0.shape)
+            ok = torch.broadcast_shapes(tol.shape, prob.y0.shape) == prob.y0.shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{name} has shape {tuple(tol.shape)}, which does not broadcast to y0's shape "
+                             f"{tuple(prob.y0.shape)}")
+        if not torch.isfinite(tol).all() or (tol < 0).any():
+            raise ValueError(f"{name} must be finite and >= 0; got min {tol.min().item()}")
+    elif isinstance(tol, (int, float)) and not isinstance(tol, bool):
+        if not math.isfinite(tol) or tol < 0:
+            raise ValueError(f"{name} must be finite and >= 0; got {tol!r}")
+    else:
+        raise TypeError(f"{name} must be a float or a tensor; got {type(tol).__name__}")
+
+
+def _report_failures(sol: Solution, raise_on_failure: bool):
+    codes = sol.retcode.reshape(-1)
+    failed = (codes != ReturnCode.Success).nonzero().flatten().tolist()
+    if not failed:
+        return
+    t_final = sol.extras.get("t_final")
+    dt_final = sol.extras.get("dt_final")
+    lines = []
+    for b in failed[:5]:
+        where = ""
+        if t_final is not None:
+            where = f" at t={float(t_final.reshape(-1)[b]):.6g}, dt={float(dt_final.reshape(-1)[b]):.3g}"
+        lines.append(f"sample {b}: {ReturnCode(int(codes[b])).name}{where}")
+    more = f" (and {len(failed) - 5} more)" if len(failed) > 5 else ""
+    msg = f"{len(failed)} of {codes.numel()} samples did not succeed: " + "; ".join(lines) + more
+    if raise_on_failure:
+        raise SolveError(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)

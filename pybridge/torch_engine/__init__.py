@@ -1,0 +1,1 @@
+"""The torch engine: solvers written natively in PyTorch (the reference implementation)."""

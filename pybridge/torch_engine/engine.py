@@ -1,0 +1,140 @@
+"""The torch engine: turns a checked problem into loop calls and the loop's tensors into a Solution."""
+from __future__ import annotations
+
+import torch
+
+from ..solution import Solution, Stats, Trace
+from .explicit_rk import ExplicitRK
+from .explicit_tableaus import EXPLICIT_TABLEAUS
+from .loop import LoopOptions, integrate
+
+
+def build_method(solver, dtype, device):
+    if solver.family == "explicit_rk":
+        return ExplicitRK(EXPLICIT_TABLEAUS[solver.name], dtype, device)
+    raise ValueError(f"solver {solver!r} has no torch-engine implementation (family {solver.family!r})")
+
+
+class RightHandSide:
+    """f in the loop's terms: τ = direction·t, states flattened to (B, n); checks f's first output."""
+
+    def __init__(self, f, prob, direction, scalar_time: bool):
+        self.f = f
+        self.batched = prob.batched
+        self.shape = (prob.batch_size,) + prob.state_shape if prob.batched else prob.state_shape
+        self.direction = direction
+        self.flip = bool((direction < 0).any())
+        self.scalar_time = scalar_time
+        self.y0 = prob.y0
+        self.checked = False
+
+    def __call__(self, tau, y):
+        t = tau * self.direction if self.flip else tau
+        t_arg = t[0] if self.scalar_time else t
+        out = self.f(t_arg, y.reshape(self.shape))
+        if not self.checked:
+            check_output(out, self.y0, self.shape)
+            self.checked = True
+        out = out.reshape(y.shape)
+        return out * self.direction[:, None] if self.flip else out
+
+
+def check_output(out, y0, shape):
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"f must return a torch.Tensor; got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"f returned shape {tuple(out.shape)}; expected {tuple(shape)} (the shape of y)")
+    if out.dtype != y0.dtype:
+        raise TypeError(f"f returned dtype {out.dtype}; expected {y0.dtype} (the dtype of y0)")
+    if out.device != y0.device:
+        raise ValueError(f"f returned a tensor on {out.device}; expected {y0.device} (the device of y0)")
+
+
+def solve_ode(prob, solver, *, rtol, atol, dt, adaptive, dtmin, dtmax, max_steps, dense, lockstep,
+              differentiable_dt, f=None):
+    y0 = prob.y0
+    B = prob.batch_size
+    n = y0.numel() // B
+    y0_flat = y0.reshape(B, n)
+    t = prob.t
+    t_rows = t.expand(B, -1) if t.dim() == 1 else t
+    direction = torch.sign(t_rows[:, 1] - t_rows[:, 0])
+    tau_save = t_rows * direction[:, None]
+    scalar_time = lockstep or not prob.batched
+    rhs = RightHandSide(f or prob.f, prob, direction, scalar_time)
+    method = build_method(solver, y0.dtype, y0.device)
+    # A cubic Hermite interpolant would spoil a high-order method's saved values: step onto them.
+    stop_at_saves = method.interpolation_order < method.order - 1
+    opts = LoopOptions(adaptive=adaptive, dt=dt, dtmin=dtmin, dtmax=dtmax, max_steps=max_steps,
+                       lockstep=lockstep, dense=dense, differentiable_dt=differentiable_dt,
+                       stop_at_saves=stop_at_saves)
+    res = integrate(rhs, method, tau_save, y0_flat, _per_component(atol, prob),
+                    _per_component(rtol, prob), opts)
+    return _to_solution(res, prob, solver, method, direction)
+
+
+def _per_component(tol, prob):
+    """A float stays a float; a tensor broadcast to the state becomes (B, n) (or (1, n))."""
+    if not isinstance(tol, torch.Tensor):
+        return float(tol)
+    tol = tol.to(prob.y0.dtype)
+    if tol.dim() == 0:
+        return tol
+    B = prob.batch_size
+    return tol.broadcast_to(prob.y0.shape).reshape(B, -1)
+
+
+def _to_solution(res, prob, solver, method, direction):
+    unbatch = (lambda x: x[0]) if not prob.batched else (lambda x: x)
+    ys = res.ys.reshape((res.ys.shape[0],) + tuple(prob.y0.shape))
+    tr = res.trace
+    trace = Trace(t=unbatch(tr["t"] * direction[:, None]), dt=unbatch(tr["dt"]), eest=unbatch(tr["eest"]),
+                  stiffness=unbatch(tr["stiffness"]), mask=unbatch(tr["mask"]),
+                  stability_size=method.stability_size)
+    stats = Stats(nfe=unbatch(res.nfe), naccept=unbatch(res.naccept), nreject=unbatch(res.nreject))
+    interpolant = None
+    if res.dense is not None:
+        interpolant = DenseOutput(res.dense, tr["mask"], method, direction, prob, res.tau)
+    sol = Solution(ys=ys, ts=prob.t, stats=stats, retcode=unbatch(res.status), trace=trace,
+                   interpolant=interpolant, solver=solver, batched=prob.batched)
+    sol.extras["t_final"] = unbatch(res.tau * direction)
+    sol.extras["dt_final"] = unbatch(res.dt)
+    return sol
+
+
+class DenseOutput:
+    """sol(t): locate each query's accepted step per sample and evaluate the method's interpolant."""
+
+    def __init__(self, data, mask, method, direction, prob, tau_reached):
+        self.data, self.mask, self.method = data, mask, method
+        self.direction, self.prob, self.tau_reached = direction, prob, tau_reached
+        starts = data["tau"]
+        self.starts = torch.where(mask, starts, torch.full_like(starts, float("inf")))
+
+    def __call__(self, t):
+        prob = self.prob
+        t = torch.as_tensor(t, dtype=prob.y0.dtype, device=prob.y0.device)
+        B = self.mask.shape[0]
+        tq = t.expand(B, -1) if t.dim() == 1 else t
+        if t.dim() not in (1, 2) or tq.shape[0] != B:
+            raise ValueError(f"sol(t): t must have shape (Tq,) or ({B}, Tq); got {tuple(t.shape)}")
+        tau = tq * self.direction[:, None]
+        tau0 = self.data["tau"][:, :1]
+        if (tau < tau0 - 1e-12 * tau0.abs().clamp(min=1)).any():
+            raise ValueError("sol(t): t lies before the initial time")
+        nsteps = self.mask.sum(1, keepdim=True).clamp(min=1)
+        idx = (torch.searchsorted(self.starts.contiguous(), tau.contiguous(), right=True) - 1)
+        idx = torch.minimum(idx.clamp(min=0), nsteps - 1)
+        Tq = idx.shape[1]
+        pick = lambda x: torch.gather(x, 1, idx.view(B, Tq, *([1] * (x.dim() - 2))).expand(B, Tq, *x.shape[2:]))
+        flat = lambda x: x.reshape(B * Tq, *x.shape[2:])
+        start, h = pick(self.data["tau"]), pick(self.data["h"])
+        theta = ((tau - start) / torch.where(h > 0, h, torch.ones_like(h))).reshape(-1, 1)
+        vals = self.method.interpolate(flat(pick(self.data["y0"])), flat(h), flat(pick(self.data["ks"])),
+                                       flat(pick(self.data["y1"])), flat(pick(self.data["f1"])), theta)
+        vals = vals.reshape(B, Tq, -1)
+        reached = self.tau_reached[:, None]
+        beyond = tau > reached + 1e-12 * reached.abs().clamp(min=1)
+        vals = torch.where(beyond[..., None], torch.full_like(vals, float("nan")), vals)
+        vals = vals.transpose(0, 1)
+        return vals.reshape((Tq,) + tuple(prob.y0.shape))

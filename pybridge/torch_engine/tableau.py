@@ -1,0 +1,45 @@
+"""Butcher tableaus as plain data, stepped by the one generic routine in ``explicit_rk.py``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+
+@dataclass(frozen=True)
+class ButcherTableau:
+    """An explicit Runge–Kutta method.
+
+    ``a[i]`` holds the i coefficients of stage i (row 0 is empty). The step is
+    ``y1 = y0 + h * sum_i b[i] k[i]`` and the local error vector ``h * sum_i b_error[i] k[i]``
+    (``b_error = b - b_hat``, OrdinaryDiffEq's ``btilde``). ``dense[i]`` holds the polynomial
+    coefficients of stage i's interpolation weight, ``b_i(θ) = sum_m dense[i][m] θ^(m+1)``, so that
+    ``y(t0 + θh) = y0 + h * sum_i b_i(θ) k[i]``; ``None`` means cubic Hermite on (y0, f0, y1, f1).
+    ``stiffness_pair = (i, j)`` names the two stages whose difference estimates the dominant
+    eigenvalue, ``|k_j - k_i| / |g_j - g_i|`` with g the stages' arguments; index ``s`` (one past
+    the last stage) stands for the evaluation f(t1, y1) that starts the next step.
+    """
+
+    name: str
+    c: Sequence[float]
+    a: Sequence[Sequence[float]]
+    b: Sequence[float]
+    order: int
+    b_error: Optional[Sequence[float]] = None
+    error_order: Optional[int] = None
+    fsal: bool = False
+    dense: Optional[Sequence[Sequence[float]]] = None
+    dense_order: int = 3
+    stability_size: float = float("nan")
+    stiffness_pair: tuple = (0, 1)
+    source: str = ""
+    # PI-controller exponents; None means OrdinaryDiffEq's default 7/(10p), 2/(5p).
+    beta1: Optional[float] = None
+    beta2: Optional[float] = None
+
+    @property
+    def stages(self) -> int:
+        return len(self.c)
+
+    @property
+    def adaptive(self) -> bool:
+        return self.b_error is not None
