@@ -9,6 +9,7 @@ import torch
 
 from .problem import ODEProblem
 from .solution import ReturnCode, Solution
+from .adjoint import Adjoint, DiscreteAdjoint
 from .solvers import Solver, Tsit5
 
 ENGINES = ("torch", "julia")
@@ -23,13 +24,18 @@ def solve(prob: ODEProblem, solver: Optional[Solver] = None, *, engine: str = "t
           rtol=1e-3, atol=1e-6, dt: Optional[float] = None, adaptive: Optional[bool] = None,
           dtmin: float = 0.0, dtmax: Optional[float] = None, max_steps: int = 100_000,
           dense: bool = False, batch: str = "independent", differentiable_dt: bool = False,
-          raise_on_failure: bool = False) -> Solution:
+          raise_on_failure: bool = False, adjoint: Optional[Adjoint] = None, adjoint_params=None,
+          local_regularizer: Optional[str] = None, seed: Optional[int] = None) -> Solution:
     """Solve `prob` with `solver` (default Tsit5()) and return a Solution (see its docstring).
 
     rtol, atol: floats, or tensors broadcastable to y0 (per-component tolerances); defaults are
     DifferentialEquations.jl's. dt: the fixed step (adaptive=False) or the first step. batch:
     "independent" (every sample its own steps) or "lockstep" (one step size, error norm over the
     batch, as torchdiffeq). differentiable_dt keeps gradients through the step-size controller.
+    adjoint: how gradients are computed (default DiscreteAdjoint: backprop through the solver);
+    adjoint_params: the tensors a continuous adjoint differentiates (default: f's parameters when
+    f is an nn.Module). local_regularizer: "unbiased" or "biased" adds `sol.local_regularizer`,
+    the 2023 paper's one-step error regularizer (random time drawn from `seed`).
     """
     solver = Tsit5() if solver is None else solver
     if not isinstance(prob, ODEProblem):
@@ -64,18 +70,26 @@ def solve(prob: ODEProblem, solver: Optional[Solver] = None, *, engine: str = "t
     if dtmax is not None and dtmin > dtmax:
         raise ValueError(f"dtmin ({dtmin}) must not exceed dtmax ({dtmax})")
 
+    adjoint = DiscreteAdjoint() if adjoint is None else adjoint
+    if not isinstance(adjoint, Adjoint):
+        raise TypeError(f"adjoint must be a pybridge adjoint such as pb.BacksolveAdjoint(); got {adjoint!r}")
+    if local_regularizer not in (None, "unbiased", "biased"):
+        raise ValueError(f"local_regularizer must be None, 'unbiased' or 'biased'; got {local_regularizer!r}")
+    options = dict(rtol=rtol, atol=atol, dt=dt, adaptive=adaptive, dtmin=dtmin, dtmax=dtmax,
+                   max_steps=max_steps, dense=dense, lockstep=lockstep)
+
     if engine == "julia":
         from .julia_engine import solve_ode as julia_solve
-        sol = julia_solve(prob, solver, rtol=rtol, atol=atol, dt=dt, adaptive=adaptive, dtmin=dtmin,
-                          dtmax=dtmax, max_steps=max_steps, dense=dense, lockstep=lockstep)
+        sol = julia_solve(prob, solver, adjoint=adjoint, adjoint_params=adjoint_params, **options)
     else:
         from .torch_engine.engine import build_method, solve_ode
         if adaptive and not build_method(solver, prob.y0.dtype, prob.y0.device).adaptive:
             raise ValueError(f"{solver!r} has no error estimate, so it cannot step adaptively: "
                              "pass adaptive=False with dt=...")
-        sol = solve_ode(prob, solver, rtol=rtol, atol=atol, dt=dt, adaptive=adaptive, dtmin=dtmin,
-                        dtmax=dtmax, max_steps=max_steps, dense=dense, lockstep=lockstep,
-                        differentiable_dt=differentiable_dt)
+        if isinstance(adjoint, DiscreteAdjoint):
+            sol = solve_ode(prob, solver, differentiable_dt=differentiable_dt, **options)
+        else:
+            sol = adjoint.solve(prob, solver, adjoint_params, options)
     _report_failures(sol, raise_on_failure)
     return sol
 

@@ -124,9 +124,11 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
         if opts.adaptive:
             eest_ctrl = eest if opts.differentiable_dt else eest.detach()
             dt_new, errold = controller.propose(h, eest_ctrl, errold, accept)
+            # A step shortened to land on a target says nothing about the size the problem allows.
+            dt_new = torch.where(hit & accept, torch.maximum(dt_new, dt), dt_new)
             dt_new = torch.minimum(dt_new, dtmax)
             dtmin = torch.clamp(10 * eps * torch.clamp(tau.abs(), min=1.0), min=opts.dtmin)
-            too_small = active & ~accept & (dt_new < dtmin)
+            too_small = active & ~(accept & hit & (target == tau_end)) & (dt_new < dtmin)
             status = torch.where(too_small & ~torch.isfinite(eest), int(ReturnCode.Unstable), status)
             status = torch.where(too_small & torch.isfinite(eest), int(ReturnCode.DtLessThanMin), status)
             dt = torch.where(active, dt_new, dt)

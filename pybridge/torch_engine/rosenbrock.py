@@ -1,0 +1,133 @@
+"""One generic routine for every Rosenbrock tableau (batched, per-sample linear algebra).
+
+Per step and sample: the Jacobian J = ∂f/∂y and T = ∂f/∂t at (t0, y0) by forward-mode AD (or the
+user's ``jac``), one LU of ``M = I − γhJ`` (``torch.linalg.lu_factor_ex``), then one triangular
+solve per stage. No iteration and no host synchronisation: a singular M (``info != 0``) turns that
+sample's proposal into NaN, which the loop treats as a rejection (dt shrinks, so M → I).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch.func import jvp, vmap
+
+from .explicit_rk import hermite  # noqa: F401  (re-exported for symmetry with explicit_rk)
+from .rosenbrock_tableaus import RosenbrockTableau
+
+
+class RosenbrockStep(NamedTuple):
+    y1: torch.Tensor                  # (B, n)
+    err: Optional[torch.Tensor]       # (B, n)
+    ks: torch.Tensor                  # (B, s, n) stage increments U_i (for the interpolant)
+    stage_args: tuple
+    nfe: int
+    stats: dict                       # per-call counts the loop adds to Stats (njac, nlu, nsolve)
+    f_end: Optional[torch.Tensor]     # f(t1, y1) when the last stage evaluated it (FSAL)
+    jac_norm: torch.Tensor            # (B,) ‖J‖∞, the stiffness estimate
+
+
+class Rosenbrock:
+    """Steps a RosenbrockTableau on (B, n) states."""
+
+    qsteady_max = 1.2   # implicit-method controller: keep dt when 1 ≤ q ≤ 1.2 (OrdinaryDiffEq)
+
+    def __init__(self, tableau: RosenbrockTableau, dtype: torch.dtype, device: torch.device):
+        self.tableau = tableau
+        self.order = tableau.order
+        self.fsal = tableau.fsal
+        self.adaptive = True
+        self.stability_size = float("inf")  # A-stable: ‖J‖∞·dt has no explicit-method bound
+        self.interpolation_order = tableau.dense_order
+        as_tensor = lambda v: torch.tensor(v, dtype=dtype, device=device)
+        self.gamma = float(tableau.gamma)
+        self.c = [float(x) for x in tableau.c]
+        self.d = [float(x) for x in tableau.d]
+        s = tableau.stages
+        self.A_rows = [as_tensor(tableau.A[i][:i]) for i in range(s)]
+        self.C_rows = [as_tensor(tableau.C[i][:i]) for i in range(s)]
+        self.uses_A = [any(x != 0 for x in tableau.A[i][:i]) for i in range(s)]
+        self.weights = as_tensor([list(tableau.b), list(tableau.btilde)]).T  # (s, 2)
+        self.dense = as_tensor([list(r) for r in tableau.dense])            # (D, s)
+        self._vmap_ok = True
+
+    # -- derivatives -------------------------------------------------------------------------
+    def derivatives(self, rhs, t, y):
+        """J (B, n, n) and ∂f/∂t (B, n) at (t, y); forward mode, or the user's jac for J."""
+        B, n = y.shape
+        user_jac = getattr(rhs, "jacobian", None)
+        J = user_jac(t, y) if user_jac is not None else None
+        if J is not None:
+            _, dT = jvp(rhs, (t, y), (torch.ones_like(t), torch.zeros_like(y)))
+            return J, dT
+        # n + 1 tangents: the basis vectors of y (zero time tangent), then the time direction.
+        eye = torch.eye(n, dtype=y.dtype, device=y.device)
+        vy = torch.cat([eye[:, None, :].expand(n, B, n), y.new_zeros(1, B, n)])
+        vt = torch.cat([t.new_zeros(n, B), t.new_ones(1, B)])
+        if self._vmap_ok:
+            try:
+                cols = vmap(lambda a, b: jvp(rhs, (t, y), (a, b))[1])(vt, vy)
+            except (RuntimeError, NotImplementedError):
+                # f with data-dependent Python control flow cannot be vmapped: one jvp per direction.
+                self._vmap_ok = False
+        if not self._vmap_ok:
+            cols = torch.stack([jvp(rhs, (t, y), (vt[i], vy[i]))[1] for i in range(n + 1)])
+        return cols[:n].permute(1, 2, 0), cols[n]
+
+    # -- the step ------------------------------------------------------------------------------
+    def step(self, rhs, t, y, h, k1) -> RosenbrockStep:
+        B, n = y.shape
+        J, dT = self.derivatives(rhs, t, y)
+        hcol = h[:, None]
+        eye = torch.eye(n, dtype=y.dtype, device=y.device)
+        M = eye - (self.gamma * h)[:, None, None] * J
+        LU, piv, info = torch.linalg.lu_factor_ex(M)
+        ok = info == 0
+        # A singular sample solves with the identity instead, so that nothing in the graph
+        # (forward or backward) becomes non-finite; its proposal is replaced by NaN below.
+        LU = torch.where(ok[:, None, None], LU, eye)
+        piv = torch.where(ok[:, None], piv, torch.arange(1, n + 1, dtype=piv.dtype, device=piv.device))
+        solve = lambda r: self.gamma * torch.linalg.lu_solve(LU, piv, r[..., None])[..., 0]
+
+        h2T = (h * h)[:, None] * dT
+        Us, f_last, u_last = [], k1, y
+        s = len(self.c)
+        for i in range(s):
+            if i == 0:
+                fi, ui = k1, y
+            else:
+                Ustack = torch.stack(Us, -1)  # (B, n, i)
+                ui = y + Ustack @ self.A_rows[i] if self.uses_A[i] else y
+                fi = rhs(t + self.c[i] * h, ui)
+            r = hcol * fi
+            if self.d[i] != 0:
+                r = r + self.d[i] * h2T
+            if i > 0:
+                r = r + Ustack @ self.C_rows[i]
+            Us.append(solve(r))
+            f_last, u_last = fi, ui
+        U = torch.stack(Us, -1)             # (B, n, s)
+        combo = U @ self.weights            # (B, n, 2)
+        # FSAL (Rosenbrock23): the last stage was evaluated at y1 itself; use exactly that point.
+        y1 = u_last if self.fsal else y + combo[..., 0]
+        err = combo[..., 1]
+        nan = torch.full_like(y1, float("nan"))
+        y1 = torch.where(ok[:, None], y1, nan)
+        err = torch.where(ok[:, None], err, nan)
+        jac_norm = J.abs().sum(-1).amax(-1)
+        stats = {"njac": 1, "nlu": 1, "nsolve": s}
+        return RosenbrockStep(y1, err, U.transpose(1, 2), (), s - 1, stats,
+                              f_last if self.fsal else None, jac_norm)
+
+    def end_derivative(self, step: RosenbrockStep):
+        return step.f_end
+
+    def stiffness(self, step: RosenbrockStep, y1, f1, norm):
+        """‖J‖∞ at the step's start (SOLVERS.md: Rosenbrock/implicit methods)."""
+        return step.jac_norm
+
+    def interpolate(self, y0, h, ks, y1, f1, theta):
+        """y0 + Σ_m θ^m (dense_m · U); θ (B, K) → (B, K, n)."""
+        powers = torch.stack([theta ** (m + 1) for m in range(self.dense.shape[0])], -1)  # (B, K, D)
+        w = powers @ self.dense  # (B, K, s)
+        return y0[:, None] + w @ ks

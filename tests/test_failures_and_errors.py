@@ -1,0 +1,119 @@
+"""Per-sample failure codes, and clear errors for invalid input (each message asserted)."""
+import warnings
+
+import pytest
+import torch
+
+import pybridge as pb
+
+RC = pb.ReturnCode
+
+
+def blowup_batch():
+    # y' = y², y(0) = y0 explodes at t = 1/y0: only the first sample reaches infinity (at 0.8) before 1.5.
+    y0 = torch.tensor([[1.25], [0.1], [0.5]], dtype=torch.float64)
+    return pb.ODEProblem(lambda t, y: y ** 2, y0, torch.linspace(0, 1.5, 4, dtype=torch.float64))
+
+
+def test_one_failing_sample_keeps_its_values_and_spares_the_others():
+    with pytest.warns(RuntimeWarning, match="sample 0: DtLessThanMin"):
+        sol = pb.solve(blowup_batch(), pb.Tsit5(), rtol=1e-8, atol=1e-10)
+    assert sol.retcode.tolist() == [RC.DtLessThanMin, RC.Success, RC.Success]
+    assert not sol.success
+    exact = lambda y0, t: y0 / (1 - y0 * t)
+    t = sol.ts
+    assert torch.allclose(sol.ys[:2, 0, 0], exact(1.25, t[:2]), rtol=1e-6)  # kept up to the failure
+    assert torch.isnan(sol.ys[2:, 0]).all()                                  # NaN after
+    for b, y0 in ((1, 0.1), (2, 0.5)):
+        assert torch.allclose(sol.ys[:, b, 0], exact(y0, t), rtol=1e-6)
+
+
+def test_same_answer_for_healthy_samples_with_or_without_the_failing_one():
+    prob = blowup_batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        together = pb.solve(prob, pb.Tsit5())
+    alone = pb.solve(pb.ODEProblem(prob.f, prob.y0[1:], prob.t), pb.Tsit5())
+    assert torch.equal(together.ys[:, 1:], alone.ys)
+
+
+def test_max_iters_per_sample():
+    with pytest.warns(RuntimeWarning, match="MaxIters"):
+        sol = pb.solve(blowup_batch(), pb.Tsit5(), max_steps=25)
+    assert sol.retcode[0] == RC.MaxIters and sol.retcode[1] == RC.Success
+    assert int(sol.stats.naccept[0] + sol.stats.nreject[0]) == 25
+
+
+def test_non_finite_rhs_is_unstable():
+    def f(t, y):
+        return torch.where(t[:, None] > 0.5, torch.log(y - 2), -y) if t.dim() else -y
+    y0 = torch.tensor([[1.0], [1.0]], dtype=torch.float64)
+    t = torch.tensor([[0.0, 1.0], [0.0, 0.4]], dtype=torch.float64)
+    with pytest.warns(RuntimeWarning):
+        sol = pb.solve(pb.ODEProblem(f, y0, t), pb.Tsit5())
+    assert sol.retcode.tolist() == [RC.Unstable, RC.Success]
+    assert torch.isnan(sol.ys[-1, 0]).all() and torch.isfinite(sol.ys[-1, 1]).all()
+
+
+def test_lockstep_stops_a_diverging_sample_and_finishes_the_others():
+    f = lambda t, y: torch.cat([torch.log(y[:1] - 2), -y[1:]])
+    y0 = torch.ones(3, 1, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning):
+        sol = pb.solve(pb.ODEProblem(f, y0, torch.tensor([0.0, 1.0]).double()), pb.Tsit5(), batch="lockstep")
+    assert sol.retcode.tolist() == [RC.Unstable, RC.Success, RC.Success]
+    assert torch.allclose(sol.ys[-1, 1:, 0], torch.exp(torch.tensor(-1.0, dtype=torch.float64)), rtol=1e-3)
+
+
+def test_raise_on_failure_names_sample_time_step_and_code():
+    with pytest.raises(pb.SolveError, match=r"sample 0: DtLessThanMin at t=0\.8, dt="):
+        pb.solve(blowup_batch(), pb.Tsit5(), raise_on_failure=True)
+
+
+# ---- invalid input: (call, exception, message) -------------------------------------------------
+y0 = torch.ones(2, dtype=torch.float64)
+t = torch.linspace(0, 1, 3, dtype=torch.float64)
+ok = lambda t, y: -y
+P = lambda **kw: pb.ODEProblem(kw.pop("f", ok), kw.pop("y0", y0), kw.pop("t", t), **kw)
+
+CASES = [
+    ("y0 not a tensor", lambda: P(y0=[1.0, 2.0]), TypeError, "y0 must be a torch.Tensor"),
+    ("y0 integer", lambda: P(y0=torch.ones(2, dtype=torch.long)), TypeError, "y0 must have a floating-point dtype"),
+    ("y0 nan", lambda: P(y0=torch.tensor([1.0, float("nan")])), ValueError, r"y0 has non-finite values \(1 of 2; first at index \(1,\)\)"),
+    ("y0 inf", lambda: P(y0=torch.tensor([[1.0], [float("inf")]])), ValueError, "y0 has non-finite values"),
+    ("t not monotonic", lambda: P(t=torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64)), ValueError, "t must be strictly increasing or strictly decreasing"),
+    ("t repeated", lambda: P(t=torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)), ValueError, "strictly increasing"),
+    ("t 3-d", lambda: P(t=torch.zeros(1, 1, 2)), ValueError, r"t must have shape \(T,\) or \(B, T\); got \(1, 1, 2\)"),
+    ("t one point", lambda: P(t=torch.tensor([0.0], dtype=torch.float64)), ValueError, "t must hold at least two times"),
+    ("t integer", lambda: P(t=torch.tensor([0, 1])), TypeError, "t must have a floating-point dtype; got torch.int64"),
+    ("t rows mismatch", lambda: P(y0=torch.ones(3, 2), t=torch.ones(2, 4).cumsum(1)), ValueError, r"must have one row per sample: expected \(3, T\)"),
+    ("t per-sample, unbatched", lambda: P(t=torch.ones(2, 3, dtype=torch.float64).cumsum(1)), ValueError, "gives per-sample times"),
+    ("t device", lambda: P(t=torch.linspace(0, 1, 3, device="meta")), ValueError, "t is on device meta but y0 is on cpu"),
+    ("t non-finite", lambda: P(t=torch.tensor([0.0, float("inf")], dtype=torch.float64)), ValueError, "t has non-finite values"),
+    ("f not callable", lambda: P(f=3), TypeError, "f must be callable"),
+    ("f returns list", lambda: pb.solve(P(f=lambda t, y: [1.0, 2.0])), TypeError, "f must return a torch.Tensor; got list"),
+    ("f wrong shape", lambda: pb.solve(P(f=lambda t, y: torch.cat([y, y]))), ValueError, r"f returned shape \(4,\); expected \(2,\)"),
+    ("f wrong dtype", lambda: pb.solve(P(f=lambda t, y: y.float())), TypeError, "f returned dtype torch.float32; expected torch.float64"),
+    ("f wrong device", lambda: pb.solve(P(f=lambda t, y: torch.empty(2, dtype=torch.float64, device="meta"))), ValueError, "f returned a tensor on meta; expected cpu"),
+    ("rtol negative", lambda: pb.solve(P(), rtol=-1e-3), ValueError, "rtol must be finite and >= 0; got -0.001"),
+    ("atol negative tensor", lambda: pb.solve(P(), atol=torch.tensor([1e-6, -1.0], dtype=torch.float64)), ValueError, "atol must be finite and >= 0"),
+    ("atol wrong shape", lambda: pb.solve(P(), atol=torch.ones(3, dtype=torch.float64)), ValueError, r"atol has shape \(3,\), which does not broadcast to y0's shape \(2,\)"),
+    ("rtol wrong type", lambda: pb.solve(P(), rtol="tight"), TypeError, "rtol must be a float or a tensor; got str"),
+    ("fixed step without dt", lambda: pb.solve(P(), pb.RK4()), ValueError, r"RK4\(\) with fixed steps needs a step size: pass dt="),
+    ("adaptive without estimate", lambda: pb.solve(P(), pb.RK4(), adaptive=True), ValueError, "has no error estimate"),
+    ("dt negative", lambda: pb.solve(P(), pb.Euler(), dt=-0.1), ValueError, "dt must be a positive finite number; got -0.1"),
+    ("max_steps zero", lambda: pb.solve(P(), max_steps=0), ValueError, "max_steps must be an integer >= 1; got 0"),
+    ("dtmin > dtmax", lambda: pb.solve(P(), dtmin=1.0, dtmax=0.1), ValueError, r"dtmin \(1.0\) must not exceed dtmax \(0.1\)"),
+    ("unknown batch mode", lambda: pb.solve(P(), batch="vmap"), ValueError, "batch must be one of"),
+    ("lockstep per-sample t", lambda: pb.solve(P(y0=torch.ones(2, 1), t=torch.ones(2, 3).cumsum(1)), batch="lockstep"), ValueError, "needs shared times"),
+    ("solver not a solver", lambda: pb.solve(P(), "Tsit5"), TypeError, "solver must be a pybridge solver"),
+    ("unknown engine", lambda: pb.solve(P(), engine="jax"), ValueError, "engine must be one of"),
+    ("odeint unknown method", lambda: pb.odeint(ok, y0, t, method="dopri8"), ValueError, "odeint: unknown method 'dopri8'"),
+    ("odeint unknown option", lambda: pb.odeint(ok, y0, t, options={"safety": 0.8}), ValueError, "odeint: unknown option 'safety'"),
+    ("odeint fixed without step", lambda: pb.odeint(ok, y0, t, method="rk4"), ValueError, "needs options={'step_size': ...}"),
+]
+
+
+@pytest.mark.parametrize("call,exc,message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_invalid_input_raises_with_clear_message(call, exc, message):
+    with pytest.raises(exc, match=message):
+        call()
