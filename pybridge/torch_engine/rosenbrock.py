@@ -12,7 +12,6 @@ from typing import NamedTuple, Optional
 import torch
 from torch.func import jvp, vmap
 
-from .explicit_rk import hermite  # noqa: F401  (re-exported for symmetry with explicit_rk)
 from .rosenbrock_tableaus import RosenbrockTableau
 
 
