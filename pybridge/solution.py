@@ -38,7 +38,9 @@ class Stats:
         def fmt(x):
             return None if x is None else x.tolist()
 
-        return f"Stats(nfe={fmt(self.nfe)}, naccept={fmt(self.naccept)}, nreject={fmt(self.nreject)})"
+        extra = "".join(f", {k}={fmt(getattr(self, k))}" for k in ("njac", "nlu", "nsolve")
+                        if getattr(self, k) is not None)
+        return f"Stats(nfe={fmt(self.nfe)}, naccept={fmt(self.naccept)}, nreject={fmt(self.nreject)}{extra})"
 
 
 @dataclass

@@ -63,3 +63,28 @@ class Vern7(ExplicitRK):
 
 
 EXPLICIT = (Euler, Midpoint, Heun, RK4, BS3, DP5, Tsit5, Vern7)
+
+
+class Rosenbrock(Solver):
+    """A Rosenbrock–Wanner method (linearly implicit, for stiff problems): one Jacobian and one
+    LU factorization of I − γhJ per step and sample, no Newton iteration. The Jacobian comes from
+    forward-mode AD of f, or from the problem's `jac` when given."""
+
+    family = "rosenbrock"
+
+
+class Rosenbrock23(Rosenbrock):
+    """Shampine's ode23s / OrdinaryDiffEq's Rosenbrock23: order 2 with a 3rd-order error estimate,
+    L-stable, FSAL; good at loose tolerances and for moderately stiff problems."""
+
+
+class Rodas4(Rosenbrock):
+    """Hairer & Wanner's Rodas4: order 4(3), 6 stages, stiffly accurate, 3rd-order dense output."""
+
+
+class Rodas5P(Rosenbrock):
+    """Steinebach's Rodas5P: order 5(4), 8 stages, stiffly accurate, 4th-order dense output;
+    DifferentialEquations.jl's recommended stiff method at medium to tight tolerances."""
+
+
+ROSENBROCK = (Rosenbrock23, Rodas4, Rodas5P)

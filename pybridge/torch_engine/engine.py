@@ -7,11 +7,15 @@ from ..solution import Solution, Stats, Trace
 from .explicit_rk import ExplicitRK
 from .explicit_tableaus import EXPLICIT_TABLEAUS
 from .loop import LoopOptions, integrate
+from .rosenbrock import Rosenbrock
+from .rosenbrock_tableaus import ROSENBROCK_TABLEAUS
 
 
 def build_method(solver, dtype, device):
     if solver.family == "explicit_rk":
         return ExplicitRK(EXPLICIT_TABLEAUS[solver.name], dtype, device)
+    if solver.family == "rosenbrock":
+        return Rosenbrock(ROSENBROCK_TABLEAUS[solver.name], dtype, device)
     raise ValueError(f"solver {solver!r} has no torch-engine implementation (family {solver.family!r})")
 
 
@@ -27,6 +31,8 @@ class RightHandSide:
         self.scalar_time = scalar_time
         self.y0 = prob.y0
         self.checked = False
+        # The user's Jacobian describes prob.f only (not, e.g., an adjoint's augmented system).
+        self.user_jac = prob.jac if f is prob.f else None
 
     def __call__(self, tau, y):
         t = tau * self.direction if self.flip else tau
@@ -37,6 +43,18 @@ class RightHandSide:
             self.checked = True
         out = out.reshape(y.shape)
         return out * self.direction[:, None] if self.flip else out
+
+    def jacobian(self, tau, y):
+        """∂(rhs)/∂y as (B, n, n) from the user's jac(t, y), or None (the method then uses AD)."""
+        if self.user_jac is None:
+            return None
+        t = tau * self.direction if self.flip else tau
+        J = self.user_jac(t[0] if self.scalar_time else t, y.reshape(self.shape))
+        if not isinstance(J, torch.Tensor) or J.numel() != y.shape[0] * y.shape[1] ** 2:
+            raise ValueError(f"jac must return a tensor of shape ({y.shape[0]}, {y.shape[1]}, {y.shape[1]}) "
+                             f"(B, n, n); got {getattr(J, 'shape', type(J).__name__)}")
+        J = J.reshape(y.shape[0], y.shape[1], y.shape[1]).to(y.dtype)
+        return J * self.direction[:, None, None] if self.flip else J
 
 
 def check_output(out, y0, shape):
@@ -91,7 +109,8 @@ def _to_solution(res, prob, solver, method, direction):
     trace = Trace(t=unbatch(tr["t"] * direction[:, None]), dt=unbatch(tr["dt"]), eest=unbatch(tr["eest"]),
                   stiffness=unbatch(tr["stiffness"]), mask=unbatch(tr["mask"]),
                   stability_size=method.stability_size)
-    stats = Stats(nfe=unbatch(res.nfe), naccept=unbatch(res.naccept), nreject=unbatch(res.nreject))
+    extra = {k: unbatch(v) for k, v in (res.counters or {}).items() if k in ("njac", "nlu", "nsolve")}
+    stats = Stats(nfe=unbatch(res.nfe), naccept=unbatch(res.naccept), nreject=unbatch(res.nreject), **extra)
     interpolant = None
     if res.dense is not None:
         interpolant = DenseOutput(res.dense, tr["mask"], method, direction, prob, res.tau)

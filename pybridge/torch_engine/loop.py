@@ -45,6 +45,7 @@ class LoopResult:
     dense: Optional[dict]               # per accepted step data for sol(t), compacted
     tau: torch.Tensor                   # (B,) where each sample stopped
     dt: torch.Tensor                    # (B,) its last step size
+    counters: Optional[dict] = None     # extra per-sample counts a method reports (njac, nlu, ...)
 
 
 def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, atol, rtol,
@@ -54,7 +55,8 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
     dtype, device = y0.dtype, y0.device
     norm = Norm(opts.lockstep)
     controller = opts.controller or PIController.for_order(
-        method.order, getattr(method.tableau, "beta1", None), getattr(method.tableau, "beta2", None))
+        method.order, getattr(method.tableau, "beta1", None), getattr(method.tableau, "beta2", None),
+        qsteady_max=getattr(method, "qsteady_max", 1.0))
     tau = tau_save[:, 0].clone()
     tau_end = tau_save[:, -1]
     span = tau_end - tau
@@ -78,6 +80,7 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
     status = torch.full((B,), RUNNING, dtype=torch.long, device=device)
     iters = torch.zeros(B, dtype=torch.long, device=device)
     naccept = torch.zeros_like(iters)
+    counters = {}
 
     saved_vals, saved_idx = [], []
     trace = {k: [] for k in ("t", "dt", "eest", "stiffness", "accept")}
@@ -98,6 +101,8 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
         h = torch.where(active, torch.where(hit, remaining, dt), torch.zeros_like(dt))
         step = method.step(rhs, tau, y, h, k1)
         nfe = nfe + active * step.nfe
+        for key, count in (getattr(step, "stats", None) or {}).items():
+            counters[key] = counters.get(key, 0) + active * count
         iters = iters + active
 
         finite_y1 = torch.isfinite(step.y1).all(-1)
@@ -166,7 +171,7 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
             break
 
     ys = _assemble_saves(y0, saved_vals, saved_idx, T)
-    return LoopResult(ys=ys, status=status, nfe=nfe, naccept=naccept, nreject=iters - naccept,
+    return LoopResult(ys=ys, status=status, nfe=nfe, naccept=naccept, nreject=iters - naccept, counters=counters,
                       trace=_compact(trace, "accept"),
                       dense=_compact(dense, None, trace["accept"]) if dense else None, tau=tau, dt=dt)
 
