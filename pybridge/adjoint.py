@@ -191,7 +191,9 @@ class _Backward:
     """The backward pass: one augmented solve per save interval (`interval`), shared by all three."""
 
     def __init__(self, ctx, ys, params):
-        prob, self.adj, self.solver, self.opts = ctx.prob, ctx.adjoint, ctx.solver, ctx.options
+        prob, self.adj, self.solver = ctx.prob, ctx.adjoint, ctx.solver
+        # The backward solves take no regularization probe: that belongs to the forward solve.
+        self.opts = {k: v for k, v in ctx.options.items() if k not in ("local_regularizer", "seed")}
         self.f, self.params, self.dense, self.stats = prob.f, params, ctx.dense, ctx.stats
         self.prob = prob
         self.B = B = prob.batch_size

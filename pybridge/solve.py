@@ -75,6 +75,7 @@ def solve(prob: ODEProblem, solver: Optional[Solver] = None, *, engine: str = "t
         raise TypeError(f"adjoint must be a pybridge adjoint such as pb.BacksolveAdjoint(); got {adjoint!r}")
     if local_regularizer not in (None, "unbiased", "biased"):
         raise ValueError(f"local_regularizer must be None, 'unbiased' or 'biased'; got {local_regularizer!r}")
+    local = dict(local_regularizer=local_regularizer, seed=seed) if local_regularizer else {}
     options = dict(rtol=rtol, atol=atol, dt=dt, adaptive=adaptive, dtmin=dtmin, dtmax=dtmax,
                    max_steps=max_steps, dense=dense, lockstep=lockstep)
 
@@ -87,9 +88,9 @@ def solve(prob: ODEProblem, solver: Optional[Solver] = None, *, engine: str = "t
             raise ValueError(f"{solver!r} has no error estimate, so it cannot step adaptively: "
                              "pass adaptive=False with dt=...")
         if isinstance(adjoint, DiscreteAdjoint):
-            sol = solve_ode(prob, solver, differentiable_dt=differentiable_dt, **options)
+            sol = solve_ode(prob, solver, differentiable_dt=differentiable_dt, **options, **local)
         else:
-            sol = adjoint.solve(prob, solver, adjoint_params, options)
+            sol = adjoint.solve(prob, solver, adjoint_params, dict(options, **local))
     _report_failures(sol, raise_on_failure)
     return sol
 

@@ -6,6 +6,7 @@ import torch
 from ..solution import Solution, Stats, Trace
 from .explicit_rk import ExplicitRK
 from .explicit_tableaus import EXPLICIT_TABLEAUS
+from .controller import Norm
 from .loop import LoopOptions, integrate
 from .rosenbrock import Rosenbrock
 from .rosenbrock_tableaus import ROSENBROCK_TABLEAUS
@@ -69,7 +70,7 @@ def check_output(out, y0, shape):
 
 
 def solve_ode(prob, solver, *, rtol, atol, dt, adaptive, dtmin, dtmax, max_steps, dense, lockstep,
-              differentiable_dt, f=None):
+              differentiable_dt, f=None, local_regularizer=None, seed=None):
     y0 = prob.y0
     B = prob.batch_size
     n = y0.numel() // B
@@ -86,9 +87,30 @@ def solve_ode(prob, solver, *, rtol, atol, dt, adaptive, dtmin, dtmax, max_steps
     opts = LoopOptions(adaptive=adaptive, dt=dt, dtmin=dtmin, dtmax=dtmax, max_steps=max_steps,
                        lockstep=lockstep, dense=dense, differentiable_dt=differentiable_dt,
                        stop_at_saves=stop_at_saves)
-    res = integrate(rhs, method, tau_save, y0_flat, _per_component(atol, prob),
-                    _per_component(rtol, prob), opts)
-    return _to_solution(res, prob, solver, method, direction)
+    if local_regularizer is not None:
+        opts.probe = _probe(local_regularizer, seed, tau_save, lockstep)
+    atol, rtol = _per_component(atol, prob), _per_component(rtol, prob)
+    res = integrate(rhs, method, tau_save, y0_flat, atol, rtol, opts)
+    sol = _to_solution(res, prob, solver, method, direction)
+    if local_regularizer is not None:
+        from ..regularization import local_error_step
+        tau_reg, y_reg = res.probe
+        span = tau_save[:, -1] - tau_save[:, 0]
+        with torch.enable_grad():
+            r = local_error_step(rhs, method, tau_reg, y_reg, atol, rtol, Norm(lockstep), span)
+            # One number per step in lockstep (as the papers), a per-sample mean otherwise.
+            sol.local_regularizer = r.mean()
+        sol.extras["t_reg"] = tau_reg * direction
+    return sol
+
+
+def _probe(kind, seed, tau_save, lockstep):
+    gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
+    if kind == "biased":
+        return ("biased", gen)
+    B = tau_save.shape[0]
+    u = torch.rand(1 if lockstep else B, generator=gen, dtype=tau_save.dtype).to(tau_save.device)
+    return ("unbiased", tau_save[:, 0] + u * (tau_save[:, -1] - tau_save[:, 0]))
 
 
 def _per_component(tol, prob):

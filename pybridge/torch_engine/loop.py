@@ -32,6 +32,10 @@ class LoopOptions:
     differentiable_dt: bool = False
     controller: Optional[PIController] = None
     stop_at_saves: bool = False         # step exactly onto save points (no interpolation needed)
+    # Local regularization (Pal et al. 2023) needs one detached state per sample at a random time:
+    # ("unbiased", tau_reg (B,)) interpolates at a time drawn uniformly in the span;
+    # ("biased", torch.Generator) picks uniformly among the accepted step ends (reservoir sampling).
+    probe: Optional[tuple] = None
 
 
 @dataclass
@@ -45,6 +49,7 @@ class LoopResult:
     dense: Optional[dict]               # per accepted step data for sol(t), compacted
     tau: torch.Tensor                   # (B,) where each sample stopped
     dt: torch.Tensor                    # (B,) its last step size
+    probe: Optional[tuple] = None       # (tau_reg, y_reg) for local regularization, detached
     counters: Optional[dict] = None     # extra per-sample counts a method reports (njac, nlu, ...)
 
 
@@ -88,6 +93,8 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
     next_save = torch.ones(B, dtype=torch.long, device=device)
     arange_T = torch.arange(T, device=device)
     nan = torch.tensor(float("nan"), dtype=dtype, device=device)
+    probe_tau, probe_y = tau.clone(), y0.detach()
+    probe_count = torch.zeros(B, dtype=dtype, device=device)
 
     while True:
         active = status == RUNNING
@@ -161,6 +168,11 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
             saved_idx.append(torch.where(valid, idx, T))
             next_save = next_save + nsave
 
+        if opts.probe is not None:
+            probe_tau, probe_y = _update_probe(opts.probe, method, accept, hit & (target == tau_end), tau, h,
+                                               tau_new, y, step, f_end, probe_tau, probe_y, probe_count)
+            probe_count = probe_count + (accept & ~(hit & (target == tau_end)))
+
         for key, val in (("t", tau_new), ("dt", h), ("eest", eest), ("stiffness", stiff), ("accept", accept)):
             trace[key].append(val)
         if dense is not None:
@@ -173,7 +185,8 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
     ys = _assemble_saves(y0, saved_vals, saved_idx, T)
     return LoopResult(ys=ys, status=status, nfe=nfe, naccept=naccept, nreject=iters - naccept, counters=counters,
                       trace=_compact(trace, "accept"),
-                      dense=_compact(dense, None, trace["accept"]) if dense else None, tau=tau, dt=dt)
+                      dense=_compact(dense, None, trace["accept"]) if dense else None, tau=tau, dt=dt,
+                      probe=(probe_tau, probe_y) if opts.probe is not None else None)
 
 
 def _assemble_saves(y0, vals, idx, T):
@@ -203,3 +216,21 @@ def _compact(series: dict, mask_key: Optional[str], mask_list=None) -> dict:
         out[key] = torch.where(m, x, torch.zeros_like(x))
     out["mask"] = torch.gather(mask, 1, order)
     return out
+
+
+def _update_probe(probe, method, accept, finished, tau, h, tau_new, y, step, f_end, probe_tau, probe_y, count):
+    """Keep the detached state at the regularization time of each sample (see LoopOptions.probe)."""
+    kind, arg = probe
+    with torch.no_grad():
+        if kind == "unbiased":
+            inside = accept & (tau < arg) & (arg <= tau_new)
+            theta = ((arg - tau) / torch.where(inside, h, torch.ones_like(h)))[:, None]
+            theta = torch.where(inside[:, None], theta, torch.zeros_like(theta))
+            val = method.interpolate(y, h, step.ks, step.y1, f_end, theta)[:, 0]
+            return torch.where(inside, arg, probe_tau), torch.where(inside[:, None], val, probe_y)
+        # biased: the k-th eligible step end replaces the kept one with probability 1/k.
+        eligible = accept & ~finished
+        k = count + 1
+        u = torch.rand(accept.shape, generator=arg, dtype=tau.dtype, device="cpu").to(tau.device)
+        take = eligible & (u * k < 1)
+        return torch.where(take, tau_new, probe_tau), torch.where(take[:, None], step.y1.detach(), probe_y)

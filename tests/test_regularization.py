@@ -1,0 +1,135 @@
+"""Error / stiffness regularizers (global, 2021) and the local regularizer (2023)."""
+import pytest
+import torch
+
+import pybridge as pb
+from pybridge.torch_engine.explicit_tableaus import EXPLICIT_TABLEAUS
+
+
+class Field(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.W = torch.nn.Parameter(torch.randn(2, 2, generator=g, dtype=torch.float64))
+
+    def forward(self, t, y):
+        return torch.tanh(y @ self.W.T) - 0.3 * y
+
+
+def one_tsit5_step_by_hand(f, y0, h, atol, rtol):
+    tab = EXPLICIT_TABLEAUS["Tsit5"]
+    ks = [f(0.0, y0)]
+    for i in range(1, tab.stages):
+        yi = y0 + h * sum(a * k for a, k in zip(tab.a[i], ks))
+        ks.append(f(tab.c[i] * h, yi))
+    y1 = y0 + h * sum(b * k for b, k in zip(tab.b, ks))
+    err = h * sum(e * k for e, k in zip(tab.b_error, ks))
+    eest = ((err / (atol + rtol * torch.maximum(y0.abs(), y1.abs()))) ** 2).mean().sqrt()
+    lam = (ks[6] - ks[5]).square().mean().sqrt() / (y1 - (y0 + h * sum(a * k for a, k in zip(tab.a[5], ks[:5])))).square().mean().sqrt()
+    return eest, lam
+
+
+def test_global_regularizers_match_a_hand_built_step():
+    f = Field()
+    y0 = torch.tensor([0.7, -0.4], dtype=torch.float64)
+    h, atol, rtol = 0.3, 1e-6, 1e-3
+    sol = pb.solve(pb.ODEProblem(f, y0, torch.tensor([0.0, h], dtype=torch.float64)), pb.Tsit5(),
+                   adaptive=False, dt=h, atol=atol, rtol=rtol)
+    RE = pb.error_regularizer(sol)
+    RS = pb.stiffness_regularizer(sol)
+    eest, lam = one_tsit5_step_by_hand(f, y0, h, atol, rtol)
+    assert RE.item() == pytest.approx((eest * h).item(), rel=1e-12)
+    assert RS.item() == pytest.approx((lam * h).item(), rel=1e-10)
+    g_solver = torch.autograd.grad(RE, f.W, retain_graph=True)[0]
+    g_hand = torch.autograd.grad(eest * h, f.W, retain_graph=True)[0]
+    assert torch.allclose(g_solver, g_hand, rtol=1e-10, atol=1e-14)
+    g_solver = torch.autograd.grad(pb.stiffness_regularizer(sol), f.W)[0]
+    assert torch.allclose(g_solver, torch.autograd.grad(lam * h, f.W)[0], rtol=1e-8, atol=1e-12)
+
+
+def test_error_regularizer_gradient_matches_finite_difference():
+    f = Field()
+    y0 = torch.tensor([[0.7, -0.4], [0.1, 0.9]], dtype=torch.float64)
+    t = torch.tensor([0.0, 2.0], dtype=torch.float64)
+
+    def RE():
+        sol = pb.solve(pb.ODEProblem(f, y0, t), pb.Tsit5(), adaptive=False, dt=0.25, rtol=1e-4, atol=1e-6)
+        return pb.error_regularizer(sol)
+
+    g = torch.autograd.grad(RE(), f.W)[0]
+    eps = 1e-4  # central differences: truncation ~eps², roundoff ~1e-16/eps
+    fd = torch.zeros_like(g)
+    with torch.no_grad():
+        for idx in [(0, 0), (0, 1), (1, 0), (1, 1)]:
+            f.W[idx] += eps
+            up = RE()
+            f.W[idx] -= 2 * eps
+            down = RE()
+            f.W[idx] += eps
+            fd[idx] = (up - down) / (2 * eps)
+    assert torch.allclose(g, fd, rtol=1e-5, atol=1e-9), (g, fd)
+    assert g.abs().max() > 0
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "max"])
+def test_reductions(reduction):
+    f = Field()
+    sol = pb.solve(pb.ODEProblem(f, torch.tensor([[0.7, -0.4], [2.0, 1.0]], dtype=torch.float64),
+                                 torch.tensor([0.0, 5.0], dtype=torch.float64)), pb.Tsit5())
+    tr = sol.trace
+    x = torch.where(tr.mask, tr.eest * tr.dt, torch.zeros_like(tr.dt))
+    expect = {"sum": x.sum(-1), "mean": x.sum(-1) / tr.mask.sum(-1), "max": x.amax(-1)}[reduction].mean()
+    assert pb.error_regularizer(sol, reduction=reduction).item() == pytest.approx(expect.item())
+    ratio = pb.stiffness_regularizer(sol, reduction="max", with_dt=False, ratio=True)
+    assert ratio.item() == pytest.approx((tr.stiffness.amax(-1) / 3.5068).mean().item())
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        pb.error_regularizer(sol, reduction="median")
+
+
+def test_error_regularizer_refuses_methods_without_estimate():
+    sol = pb.solve(pb.ODEProblem(Field(), torch.ones(2, dtype=torch.float64), torch.tensor([0.0, 1.0]).double()),
+                   pb.RK4(), dt=0.1)
+    with pytest.raises(ValueError, match="no error estimate"):
+        pb.error_regularizer(sol)
+
+
+@pytest.mark.parametrize("kind", ["unbiased", "biased"])
+@pytest.mark.parametrize("adjoint", [None, pb.BacksolveAdjoint(), pb.InterpolatingAdjoint(), pb.QuadratureAdjoint()],
+                         ids=["discrete", "backsolve", "interpolating", "quadrature"])
+def test_local_regularizer_with_every_adjoint(kind, adjoint):
+    f = Field()
+    y0 = torch.tensor([[0.7, -0.4], [0.1, 0.9], [1.0, 1.0]], dtype=torch.float64)
+    t = torch.linspace(0, 3, 4, dtype=torch.float64)
+    prob = pb.ODEProblem(f, y0, t)
+    sol = pb.solve(prob, pb.Tsit5(), adjoint=adjoint, local_regularizer=kind, seed=7)
+    r = sol.local_regularizer
+    assert r.dim() == 0 and r.item() > 0
+    g = torch.autograd.grad(r, f.W)[0]
+    assert torch.isfinite(g).all() and g.abs().max() > 0
+    again = pb.solve(prob, pb.Tsit5(), adjoint=adjoint, local_regularizer=kind, seed=7)
+    assert again.local_regularizer.item() == r.item()  # reproducible under a seed
+    t_reg = sol.extras["t_reg"]
+    assert ((t_reg >= 0) & (t_reg <= 3)).all()
+    if kind == "biased":  # one of the times the solver stepped to, never the end
+        ends = sol.trace.t
+        for b in range(3):
+            assert (ends[b][sol.trace.mask[b]][:-1] == t_reg[b]).any()
+
+
+def test_local_regularizer_value_is_one_fresh_step():
+    """In lockstep at a known time the regularizer equals a hand-taken step from the probe state."""
+    f = Field()
+    y0 = torch.tensor([[0.7, -0.4]], dtype=torch.float64)
+    t = torch.tensor([0.0, 2.0], dtype=torch.float64)
+    sol = pb.solve(pb.ODEProblem(f, y0, t), pb.Tsit5(), rtol=1e-8, atol=1e-10, local_regularizer="unbiased",
+                   seed=1, dense=True)
+    t_reg = sol.extras["t_reg"]
+    u = sol(t_reg[:, None])[0].detach()
+    ref = pb.solve(pb.ODEProblem(f, u, torch.cat([t_reg, t_reg + 1])), pb.Tsit5(), rtol=1e-8, atol=1e-10)
+    first = ref.trace.eest[0, 0] * ref.trace.dt[0, 0]
+    assert sol.local_regularizer.item() == pytest.approx(first.item(), rel=1e-6)
+
+
+def test_no_local_regularizer_unless_asked():
+    sol = pb.solve(pb.ODEProblem(Field(), torch.ones(2, dtype=torch.float64), torch.tensor([0.0, 1.0]).double()))
+    assert sol.local_regularizer is None
