@@ -88,10 +88,7 @@ def test_cuda_gradients_match_cpu(batch):
     assert all(g.abs().sum() > 0 for g in gpu)
 
 
-@pytest.mark.parametrize("batch", [
-    pytest.param("independent", marks=pytest.mark.xfail(
-        strict=True, reason="bug: sqrt(0) in the error norm of finished samples gives NaN eest gradients")),
-    "lockstep"])
+@pytest.mark.parametrize("batch", ["independent", "lockstep"])
 def test_cuda_eest_gradients(batch):
     gpu, cpu = _grads("cuda", batch, "eest"), _grads("cpu", batch, "eest")
     assert all(torch.isfinite(g).all() for g in gpu)
