@@ -19,7 +19,11 @@ OPTIONS = {"step_size": "dt", "first_step": "dt", "max_num_steps": "max_steps", 
 def odeint(func, y0, t, *, rtol: float = 1e-7, atol: float = 1e-9, method: str = "dopri5",
            options: dict | None = None, event_fn=None) -> torch.Tensor:
     """Solve like torchdiffeq.odeint: y0 (any shape, or a tuple of tensors) is one state,
-    func(t, y) gets a 0-d t, the error norm is the RMS over all of y; returns (T, *y0.shape)."""
+    func(t, y) gets a 0-d t, the error norm is the RMS over all of y; returns (T, *y0.shape).
+
+    Differences: "rk4" is the classic RK4 (torchdiffeq's is the 3/8 rule, so fixed-step results
+    differ at truncation-error level); "tsit5" is OrdinaryDiffEq's Tsit5 (torchdiffeq 0.2.5 has none).
+    """
     if event_fn is not None:
         raise ValueError("odeint: event_fn is not supported by pybridge")
     if method not in METHODS:
