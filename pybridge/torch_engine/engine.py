@@ -1,6 +1,8 @@
 """The torch engine: turns a checked problem into loop calls and the loop's tensors into a Solution."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..solution import Solution, Stats, Trace
@@ -13,11 +15,18 @@ from .rosenbrock_tableaus import ROSENBROCK_TABLEAUS
 
 
 def build_method(solver, dtype, device):
-    if solver.family == "explicit_rk":
-        return ExplicitRK(EXPLICIT_TABLEAUS[solver.name], dtype, device)
-    if solver.family == "rosenbrock":
-        return Rosenbrock(ROSENBROCK_TABLEAUS[solver.name], dtype, device)
-    raise ValueError(f"solver {solver!r} has no torch-engine implementation (family {solver.family!r})")
+    """The stepping object for a solver name. Methods hold only constant coefficient tensors, so
+    they are cached: uploading coefficients costs a host-device transfer each on CUDA."""
+    return _build_method(solver.family, solver.name, dtype, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _build_method(family, name, dtype, device):
+    if family == "explicit_rk":
+        return ExplicitRK(EXPLICIT_TABLEAUS[name], dtype, device)
+    if family == "rosenbrock":
+        return Rosenbrock(ROSENBROCK_TABLEAUS[name], dtype, device)
+    raise ValueError(f"solver {name}() has no torch-engine implementation (family {family!r})")
 
 
 class RightHandSide:
