@@ -91,10 +91,13 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
     trace = {k: [] for k in ("t", "dt", "eest", "stiffness", "accept")}
     dense = {k: [] for k in ("tau", "h", "y0", "ks", "y1", "f1")} if opts.dense else None
     next_save = torch.ones(B, dtype=torch.long, device=device)
-    arange_T = torch.arange(T, device=device)
     nan = torch.tensor(float("nan"), dtype=dtype, device=device)
     probe_tau, probe_y = tau.clone(), y0.detach()
     probe_count = torch.zeros(B, dtype=dtype, device=device)
+
+    # Fixed steps cannot retry; in lockstep one dt serves everyone, so a diverging sample is
+    # stopped rather than allowed to shrink the batch's step. Otherwise it retries smaller.
+    stop_diverged = not opts.adaptive or opts.lockstep
 
     while True:
         active = status == RUNNING
@@ -120,9 +123,6 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
         accept = active & finite_y1
         if opts.adaptive:
             accept = accept & (eest <= 1)
-        # Fixed steps cannot retry; in lockstep one dt serves everyone, so a diverging sample is
-        # stopped rather than allowed to shrink the batch's step. Otherwise it retries smaller.
-        stop_diverged = not opts.adaptive or opts.lockstep
 
         tau_new = torch.where(accept, torch.where(hit, target, tau + h), tau)
         y_new = torch.where(accept[:, None], step.y1, y)
