@@ -19,12 +19,17 @@ class ReturnCode(enum.IntEnum):
     Running = 9  # internal: never returned by a finished solve
 
 
+OPTIONAL_COUNTERS = ("njac", "nlu", "nsolve", "nnonliniter", "nnonlinconvfail")
+
+
 @dataclass
 class Stats:
     """Per-sample counters (tensors of the batch shape; 0-d for an unbatched problem).
 
     nfe: right-hand-side evaluations the sample needed (as if solved alone);
-    naccept / nreject: accepted and rejected steps. Stiff solvers add njac, nlu, nsolve.
+    naccept / nreject: accepted and rejected steps. Stiff solvers add njac, nlu, nsolve;
+    implicit (ESDIRK) solvers also nnonliniter (Newton iterations) and nnonlinconvfail (Newton
+    solves that did not converge), named as in SciMLBase's DEStats.
     """
 
     nfe: torch.Tensor
@@ -33,12 +38,14 @@ class Stats:
     njac: Optional[torch.Tensor] = None
     nlu: Optional[torch.Tensor] = None
     nsolve: Optional[torch.Tensor] = None
+    nnonliniter: Optional[torch.Tensor] = None
+    nnonlinconvfail: Optional[torch.Tensor] = None
 
     def __repr__(self) -> str:
         def fmt(x):
             return None if x is None else x.tolist()
 
-        extra = "".join(f", {k}={fmt(getattr(self, k))}" for k in ("njac", "nlu", "nsolve")
+        extra = "".join(f", {k}={fmt(getattr(self, k))}" for k in OPTIONAL_COUNTERS
                         if getattr(self, k) is not None)
         return f"Stats(nfe={fmt(self.nfe)}, naccept={fmt(self.naccept)}, nreject={fmt(self.nreject)}{extra})"
 

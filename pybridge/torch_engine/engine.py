@@ -5,7 +5,7 @@ import functools
 
 import torch
 
-from ..solution import Solution, Stats, Trace
+from ..solution import OPTIONAL_COUNTERS, Solution, Stats, Trace
 from .explicit_rk import ExplicitRK
 from .explicit_tableaus import EXPLICIT_TABLEAUS
 from .controller import Norm
@@ -139,8 +139,9 @@ def _to_solution(res, prob, solver, method, direction):
     tr = res.trace
     trace = Trace(t=unbatch(tr["t"] * direction[:, None]), dt=unbatch(tr["dt"]), eest=unbatch(tr["eest"]),
                   stiffness=unbatch(tr["stiffness"]), mask=unbatch(tr["mask"]),
-                  stability_size=method.stability_size)
-    extra = {k: unbatch(v) for k, v in (res.counters or {}).items() if k in ("njac", "nlu", "nsolve")}
+                  stability_size=method.stability_size,
+                  method=unbatch(tr["method"]) if "method" in tr else None)
+    extra = {k: unbatch(v) for k, v in (res.counters or {}).items() if k in OPTIONAL_COUNTERS}
     stats = Stats(nfe=unbatch(res.nfe), naccept=unbatch(res.naccept), nreject=unbatch(res.nreject), **extra)
     interpolant = None
     if res.dense is not None:

@@ -120,7 +120,9 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
             eest = error_norm(norm, step.err, y, step.y1, atol, rtol, valid=active)
         else:
             eest = nan.expand(B)
-        accept = active & finite_y1
+        # A method may reject a sample's step itself (an implicit solve that did not converge).
+        failed = getattr(step, "failed", None)
+        accept = active & finite_y1 if failed is None else active & finite_y1 & ~failed
         if opts.adaptive:
             accept = accept & (eest <= 1)
 
@@ -143,6 +145,8 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
             too_small = active & ~(accept & hit & (target == tau_end)) & (dt_new < dtmin)
             status = torch.where(too_small & ~torch.isfinite(eest), int(ReturnCode.Unstable), status)
             status = torch.where(too_small & torch.isfinite(eest), int(ReturnCode.DtLessThanMin), status)
+            if failed is not None:
+                status = torch.where(too_small & failed, int(ReturnCode.ConvergenceFailure), status)
             dt = torch.where(active, dt_new, dt)
         if stop_diverged:
             status = torch.where(active & ~finite_y1, int(ReturnCode.Unstable), status)
@@ -175,6 +179,9 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
 
         for key, val in (("t", tau_new), ("dt", h), ("eest", eest), ("stiffness", stiff), ("accept", accept)):
             trace[key].append(val)
+        # Per-step quantities a method adds to the trace (e.g. which method an auto-switcher used).
+        for key, val in (getattr(step, "extra_trace", None) or {}).items():
+            trace.setdefault(key, []).append(val)
         if dense is not None:
             for key, val in (("tau", tau), ("h", h), ("y0", y), ("ks", step.ks), ("y1", step.y1), ("f1", f_end)):
                 dense[key].append(val)
