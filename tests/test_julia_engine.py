@@ -79,6 +79,25 @@ def test_environment_files_agree():
     assert used == set(deps)
 
 
+def test_wheel_ships_the_julia_side(tmp_path):
+    """A pip-installed pybridge (no repository checkout) must still find PyBridge.jl and juliapkg.json."""
+    src = tmp_path / "src"
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        if rel.startswith("pybridge/") or rel in ("pyproject.toml", "README.md"):
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            (src / rel).write_bytes((ROOT / rel).read_bytes())
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path / "dist"), str(src)], check=True, capture_output=True)
+    import zipfile
+    (wheel,) = (tmp_path / "dist").glob("pybridge-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "pybridge/julia_engine/PyBridge.jl" in names and "pybridge/juliapkg.json" in names
+    assert runtime.JULIA_SOURCE.is_file()
+    # the Julia package's source is the same file (a link), so the two cannot drift apart
+    assert (ROOT / "julia" / "src" / "PyBridge.jl").resolve() == runtime.JULIA_SOURCE
+
+
 # ------------------------------------------------------------------ solver names and options
 def _named(name, **attrs):
     return type(name, (), attrs)()

@@ -7,7 +7,9 @@ import pathlib
 import sys
 import warnings
 
-JULIA_SOURCE = pathlib.Path(__file__).resolve().parents[2] / "julia" / "src" / "PyBridge.jl"
+# Shipped inside the Python package (package data) so that a wheel install finds it; the Julia
+# package julia/ (for `Pkg.dev`) links its src/PyBridge.jl to this same file.
+JULIA_SOURCE = pathlib.Path(__file__).resolve().parent / "PyBridge.jl"
 
 INSTALL_HINT = (
     "engine='julia' needs juliacall: `pip install \"pybridge[julia]\"`. On first use juliacall "
@@ -26,12 +28,12 @@ _state: dict = {}
 
 
 def julia_source() -> pathlib.Path:
-    """Where PyBridge.jl lives: $PYBRIDGE_JULIA_SRC, else julia/src/ of the repository checkout."""
+    """Where PyBridge.jl lives: $PYBRIDGE_JULIA_SRC, else the copy shipped in this package."""
     path = pathlib.Path(os.environ.get("PYBRIDGE_JULIA_SRC", JULIA_SOURCE))
     if not path.is_file():
         raise JuliaUnavailableError(
             f"the Julia side of the bridge was not found at {path}; set PYBRIDGE_JULIA_SRC to "
-            "julia/src/PyBridge.jl of the pybridge repository")
+            "pybridge/julia_engine/PyBridge.jl of the pybridge repository")
     return path
 
 
