@@ -121,7 +121,8 @@ function make_alg(name::AbstractString, stiff::AbstractString = "")
 end
 
 function make_sensealg(name::AbstractString)
-    # User vjp/vjp_p on the ODEFunction take priority over `autojacvec` (SciMLSensitivity ≥ 7.100);
+    # User vjp/vjp_p on the ODEFunction take priority over `autojacvec` (SciMLSensitivity.jl PR #1374,
+    # merged 2026-02-27; 7.116.2 is the first release we know to contain it, hence the compat floor);
     # autojacvec is set explicitly because the default silently falls back to numerical VJPs.
     name == "GaussAdjoint" && return GaussAdjoint(autojacvec = EnzymeVJP(), checkpointing = true)
     name == "InterpolatingAdjoint" &&

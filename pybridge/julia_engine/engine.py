@@ -6,7 +6,7 @@ error norm and return code (f then sees batches of one sample and t of shape (1,
 
 Gradients: a torch.autograd.Function whose backward calls SciMLSensitivity's
 `adjoint_sensitivities`; the VJPs it needs, (∂f/∂u)ᵀλ and (∂f/∂θ)ᵀλ, come from torch through
-`ODEFunction(vjp=..., vjp_p=...)`, which SciMLSensitivity ≥ 7.100 uses in preference to its own
+`ODEFunction(vjp=..., vjp_p=...)`, which SciMLSensitivity ≥ 7.116.2 (PR #1374) uses in preference to its own
 AD (`autojacvec`) — Julia's AD cannot see through a Python right-hand side. The trace (eest,
 stiffness) is returned as values: Julia's solver internals are not differentiable from torch,
 so global regularizers need engine="torch"; the local regularizer is computed by the torch engine.
