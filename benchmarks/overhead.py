@@ -14,7 +14,10 @@ different benchmark):
   NFE       pybridge independent: max over samples of stats.nfe (the number of batched network
             calls the loop makes) and the mean; lockstep: the common value; torchdiffeq: calls of
             the module, counted; torchode: sol.stats["n_f_evals"] (max over samples)
-  overhead  wall / (NFE x wall of one network call on the (256, 2) batch, measured in this run)
+  overhead  wall / (NFE x wall of one call f(t, y) on the (256, 2) batch: the module the solvers
+            call, timed between each contender's solves); also reported with
+            process CPU time in place of wall time (steadier on a shared machine). The verdict
+            uses the wall-time ratio.
 Then NFE versus achieved error over rtol = 1e-3 ... 1e-8 (atol = rtol * 1e-2), solved in float64
 (float32 round-off would floor the error near 1e-6), against a float64 reference (pybridge Vern7,
 rtol 1e-12, atol 1e-14, lockstep, cross-checked against torchdiffeq dopri5 at the same
@@ -122,28 +125,34 @@ CONTENDERS = [
 ]
 
 
-def time_call(fn, repeats):
+def time_call(fn, repeats, between=None):
+    """Median wall and median process-CPU time of `repeats` calls after a warm-up call.
+    `between()` runs after each call (the network timing, interleaved so both see the same load)."""
     fn()  # warm-up
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cstart = time.perf_counter(), time.process_time()
         out = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+        cpus.append(time.process_time() - cstart)
+        walls.append(time.perf_counter() - start)
+        if between is not None:
+            between()
+    return statistics.median(walls), statistics.median(cpus), out
 
 
-def network_call_time(f, y0):
-    """Median over 20 blocks of 200 calls of the bare network on the batch."""
-    net = f.net
-    for _ in range(200):
-        net(y0)
-    blocks = []
-    for _ in range(20):
-        start = time.perf_counter()
-        for _ in range(200):
-            net(y0)
-        blocks.append((time.perf_counter() - start) / 200)
-    return statistics.median(blocks)
+def network_call_time(f, y0, t0, blocks=20, calls=200):
+    """Per-call median (wall, CPU) over blocks of calls of f(t0, y0): the very call the solvers
+    make (the counting module wrapping the network), under the same torch.no_grad()."""
+    for _ in range(calls):
+        f(t0, y0)
+    walls, cpus = [], []
+    for _ in range(blocks):
+        start, cstart = time.perf_counter(), time.process_time()
+        for _ in range(calls):
+            f(t0, y0)
+        cpus.append((time.process_time() - cstart) / calls)
+        walls.append((time.perf_counter() - start) / calls)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,18 +161,26 @@ def overhead_table(repeats):
     f, y0, t = make_problem(torch.float32)
     rows = []
     with torch.no_grad():
-        t_net = network_call_time(f, y0)
+        t_net, _ = network_call_time(f, y0, t[0])
         for name, go in CONTENDERS:
             try:
-                wall, (ys, nfe_max, nfe_mean) = time_call(lambda: go(f, y0, t, RTOL, ATOL), repeats)
+                # The network is re-timed between this contender's solves (shared machines drift):
+                # blocks of 100 calls (about one solve's worth), medians on both sides of the ratio.
+                net = []
+                wall, cpu, (ys, nfe_max, nfe_mean) = time_call(
+                    lambda: go(f, y0, t, RTOL, ATOL), repeats,
+                    between=lambda: net.append(network_call_time(f, y0, t[0], blocks=2, calls=100)))
+                net_wall = statistics.median(w for w, _ in net)
+                net_cpu = statistics.median(c for _, c in net)
                 if not torch.isfinite(ys).all():
                     raise RuntimeError("non-finite values in ys")
-                rows.append(dict(name=name, wall=wall, nfe=nfe_max, nfe_mean=nfe_mean,
-                                 overhead=wall / (nfe_max * t_net), per_call=wall / nfe_max - t_net))
+                rows.append(dict(name=name, wall=wall, nfe=nfe_max, nfe_mean=nfe_mean, net=net_wall,
+                                 overhead=wall / (nfe_max * net_wall), per_call=wall / nfe_max - net_wall,
+                                 overhead_cpu=cpu / (nfe_max * net_cpu)))
             except Exception as exc:  # report, do not hide
                 rows.append(dict(name=name, error=f"{type(exc).__name__}: {exc}"))
             print(_row_text(rows[-1]), flush=True)
-        t_net_after = network_call_time(f, y0)
+        t_net_after, _ = network_call_time(f, y0, t[0])
     return t_net, t_net_after, rows
 
 
@@ -171,7 +188,7 @@ def _row_text(r):
     if "error" in r:
         return f"{r['name']:38s} FAILED: {r['error']}"
     return (f"{r['name']:38s} wall {r['wall'] * 1e3:8.1f} ms  nfe {r['nfe']:6d} (mean {r['nfe_mean']:8.1f})"
-            f"  overhead {r['overhead']:5.2f}")
+            f"  overhead {r['overhead']:5.2f} (CPU time {r['overhead_cpu']:5.2f})")
 
 
 def sweep():
@@ -228,7 +245,16 @@ def machine():
             versions.append(f"{mod} not installed")
     return (f"{platform.platform()}; CPU: {cpu} ({os.cpu_count()} logical cores visible); Python "
             f"{platform.python_version()}; {', '.join(versions)}; pybridge {pb.__version__}; "
-            f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
+            f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; "
+            f"load average at the end of the run {_loadavg()} (other work on a shared machine inflates and "
+            "scatters the timings)")
+
+
+def _loadavg():
+    try:
+        return "/".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
 
 
 def render(t_net, t_net_after, rows, ref_diff, curves, repeats, total):
@@ -240,23 +266,26 @@ def render(t_net, t_net_after, rows, ref_diff, curves, repeats, total):
          f"`torch.manual_seed({SEED})` with all weights and biases ×{WEIGHT_SCALE:g}, y0 ~ N(0, 1), batch {B}, "
          f"t ∈ [0, {T_END:g}] with {N_SAVE} save points, rtol {RTOL:g}, atol {ATOL:g}, float32, "
          "under `torch.no_grad()`.", "",
-         f"One network call on the ({B}, {N_IN}) batch: {t_net * 1e6:.1f} µs (re-measured after the solves: "
-         f"{t_net_after * 1e6:.1f} µs). Wall = median of {repeats} solves after a warm-up. "
-         "Overhead = wall / (NFE × network call); NFE for independent mode is the max over samples "
-         "(= batched network calls), mean in brackets.", "",
+         f"One call f(t, y) of the network module on the ({B}, {N_IN}) batch (the call the solvers make): "
+         f"{t_net * 1e6:.1f} µs before the solves, {t_net_after * 1e6:.1f} µs after; each row divides by the "
+         "call time re-measured between its own solves (median of blocks of 100 calls; column 'f call'). "
+         f"Wall = median of {repeats} solves after a warm-up. "
+         "Overhead = wall / (NFE × f call); NFE for independent mode is the max over samples "
+         "(= batched network calls), mean in brackets. The CPU-time column is the same ratio with "
+         "process CPU time in both numerator and denominator (less sensitive to other load on a shared machine).", "",
          f"### Overhead at rtol {RTOL:g} (target ≤ {OVERHEAD_TARGET}; issue quotes torchdiffeq ≈ "
          f"{TORCHDIFFEQ_ISSUE_OVERHEAD})", "",
-         "| solver | wall (ms) | NFE (mean) | solver cost per call (µs) | overhead | ≤ 1.5 |",
-         "|---|---:|---:|---:|---:|---|"]
+         "| solver | wall (ms) | NFE (mean) | f call (µs) | solver cost per call (µs) | overhead | overhead (CPU time) | ≤ 1.5 |",
+         "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if "error" in r:
-            L.append(f"| {r['name']} | — | — | — | — | error: `{r['error']}` |")
+            L.append(f"| {r['name']} | — | — | — | — | — | — | error: `{r['error']}` |")
             continue
         pyb = r["name"].startswith("pybridge")
         verdict = ("**met**" if r["overhead"] <= OVERHEAD_TARGET else "**missed**") if pyb else \
             ("(reference) met" if r["overhead"] <= OVERHEAD_TARGET else "(reference) above")
-        L.append(f"| {r['name']} | {r['wall'] * 1e3:.1f} | {r['nfe']} ({r['nfe_mean']:.1f}) | "
-                 f"{r['per_call'] * 1e6:.1f} | {r['overhead']:.2f} | {verdict} |")
+        L.append(f"| {r['name']} | {r['wall'] * 1e3:.1f} | {r['nfe']} ({r['nfe_mean']:.1f}) | {r['net'] * 1e6:.1f} | "
+                 f"{r['per_call'] * 1e6:.1f} | {r['overhead']:.2f} | {r['overhead_cpu']:.2f} | {verdict} |")
     refline = (f"Reference: pybridge Vern7, rtol 1e-12, atol 1e-14, float64, lockstep; it differs from "
                f"torchdiffeq dopri5 at the same tolerances by {ref_diff:.1e} (max abs).") \
         if isinstance(ref_diff, float) else \

@@ -1,7 +1,7 @@
 """Problem definitions: what to solve, checked once, independent of the engine."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -16,10 +16,21 @@ class ODEProblem:
     f receives t as a 0-d tensor, except in independent batching of a batch, where every sample
     sits at its own time and t has shape (B,).
     `jac(t, y)` (optional) returns the batched Jacobian (B, n, n) for stiff solvers.
+
+    Shapes: y0 (*shape) or (B, *shape); t (T,) or (B, T); f(t, y) returns y's shape; with B
+    samples and n = prod(shape), jac(t, y) returns (B, n, n).
     """
 
-    def __init__(self, f: Callable, y0: torch.Tensor, t, jac: Optional[Callable] = None,
-                 batched: Optional[bool] = None):
+    f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    y0: torch.Tensor
+    t: torch.Tensor
+    jac: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
+    batched: bool
+
+    def __init__(self, f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], y0: torch.Tensor,
+                 t: Union[torch.Tensor, Sequence[float]],
+                 jac: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+                 batched: Optional[bool] = None) -> None:
         if not callable(f):
             raise TypeError(f"f must be callable f(t, y) -> dy/dt; got {type(f).__name__}")
         if jac is not None and not callable(jac):
@@ -37,7 +48,7 @@ class ODEProblem:
         return self.y0.shape[0] if self.batched else 1
 
     @property
-    def state_shape(self):
+    def state_shape(self) -> tuple:
         return tuple(self.y0.shape[1:]) if self.batched else tuple(self.y0.shape)
 
     def __repr__(self):

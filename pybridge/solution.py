@@ -87,10 +87,21 @@ class Solution:
     trace    per-sample, per-accepted-step Trace (differentiable eest and stiffness).
     sol(t)   the method's own interpolant, when solved with dense=True: t of shape (Tq,) or
              (B, Tq) → values (Tq, *y0.shape).
+    local_regularizer  0-d tensor when solve(..., local_regularizer=...) was asked, else None.
+    Plots: `pybridge.plotting.plot_solution(sol)` (trajectories, step sizes, EEst).
     """
 
-    def __init__(self, ys, ts, stats, retcode, trace, interpolant=None, solver=None,
-                 batched=True, local_regularizer=None, extras=None):
+    ys: torch.Tensor
+    ts: torch.Tensor
+    stats: Stats
+    retcode: torch.Tensor
+    trace: Trace
+    local_regularizer: Optional[torch.Tensor]
+    extras: dict
+
+    def __init__(self, ys: torch.Tensor, ts: torch.Tensor, stats: Stats, retcode: torch.Tensor, trace: Trace,
+                 interpolant: Optional[Callable] = None, solver=None, batched: bool = True,
+                 local_regularizer: Optional[torch.Tensor] = None, extras: Optional[dict] = None) -> None:
         self.ys = ys
         self.ts = ts
         self.stats = stats
@@ -111,7 +122,8 @@ class Solution:
         """Return codes as a flat list of ReturnCode members, one per sample."""
         return [ReturnCode(int(c)) for c in self.retcode.reshape(-1).tolist()]
 
-    def __call__(self, t) -> torch.Tensor:
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        """The dense interpolant at t of shape (Tq,) or (B, Tq): values (Tq, *y0.shape)."""
         if self._interpolant is None:
             raise ValueError("sol(t) needs dense output: solve with dense=True")
         return self._interpolant(t)

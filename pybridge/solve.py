@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
+import contextlib
+from typing import Optional, Sequence, Union
 
 import torch
 
 from .problem import ODEProblem
+from .sde_problem import SDEProblem
 from .solution import ReturnCode, Solution
 from .adjoint import Adjoint, DiscreteAdjoint
-from .solvers import Solver, Tsit5
+from .solvers import SOSRI, Solver, Tsit5
 
 ENGINES = ("torch", "julia")
 BATCH_MODES = ("independent", "lockstep")
@@ -21,29 +23,59 @@ class SolveError(RuntimeError):
 
 
 def solve(prob: ODEProblem, solver: Optional[Solver] = None, *, engine: str = "torch",
-          rtol=1e-3, atol=1e-6, dt: Optional[float] = None, adaptive: Optional[bool] = None,
+          rtol: Union[float, torch.Tensor, None] = None, atol: Union[float, torch.Tensor, None] = None,
+          dt: Optional[float] = None, adaptive: Optional[bool] = None,
           dtmin: float = 0.0, dtmax: Optional[float] = None, max_steps: int = 100_000,
           dense: bool = False, batch: str = "independent", differentiable_dt: bool = False,
-          raise_on_failure: bool = False, adjoint: Optional[Adjoint] = None, adjoint_params=None,
-          local_regularizer: Optional[str] = None, seed: Optional[int] = None) -> Solution:
+          raise_on_failure: bool = False, adjoint: Optional[Adjoint] = None,
+          adjoint_params: Optional[Sequence[torch.Tensor]] = None,
+          local_regularizer: Optional[str] = None, seed: Optional[int] = None,
+          progress: bool = False, brownian=None) -> Solution:
     """Solve `prob` with `solver` (default Tsit5()) and return a Solution (see its docstring).
 
+    Shapes: prob.y0 is one sample (*shape) or a batch (B, *shape); prob.t is (T,) or (B, T).
+    The result's `ys` is (T, *y0.shape); `stats`, `retcode` have the batch shape (B,) (0-d for
+    one sample); `trace` fields are (B, N) over
+    accepted steps ((N,) for one sample).
+
     rtol, atol: floats, or tensors broadcastable to y0 (per-component tolerances); defaults are
-    DifferentialEquations.jl's. dt: the fixed step (adaptive=False) or the first step. batch:
+    DifferentialEquations.jl's (1e-3, 1e-6; for SDEProblems 1e-2, 1e-2). dt: the fixed step (adaptive=False) or the first step. batch:
     "independent" (every sample its own steps) or "lockstep" (one step size, error norm over the
     batch, as torchdiffeq). differentiable_dt keeps gradients through the step-size controller.
     adjoint: how gradients are computed (default DiscreteAdjoint: backprop through the solver);
     adjoint_params: the tensors a continuous adjoint differentiates (default: f's parameters when
     f is an nn.Module). local_regularizer: "unbiased" or "biased" adds `sol.local_regularizer`,
     the 2023 paper's one-step error regularizer (random time drawn from `seed`).
+    SDEs (prob a pb.SDEProblem, solver e.g. pb.SOSRI(), the default there): `seed` picks the Brownian
+    path (a pb.VirtualBrownianTree, returned as sol.extras["brownian"]), or pass your own tree as
+    `brownian=`; steps land on the save times (no interpolation of the path). adjoint=
+    pb.ReversibleAdjoint() with pb.ReversibleHeun() gives O(1)-memory exact gradients.
+    progress: show a tqdm bar over the integration span (torch engine; the slowest running
+    sample's progress; read in the loop's one host transfer per step, so no extra syncs).
     """
-    solver = Tsit5() if solver is None else solver
+    is_sde = isinstance(prob, SDEProblem)
+    if solver is None:
+        solver = SOSRI() if is_sde else Tsit5()
+    # Defaults as DifferentialEquations.jl: 1e-3/1e-6 for ODEs, 1e-2/1e-2 for SDEs (StochasticDiffEq).
+    if rtol is None:
+        rtol = 1e-2 if is_sde else 1e-3
+    if atol is None:
+        atol = 1e-2 if is_sde else 1e-6
     if not isinstance(prob, ODEProblem):
         raise TypeError(f"prob must be a pybridge.ODEProblem; got {type(prob).__name__}")
     if not isinstance(solver, Solver):
         raise TypeError(f"solver must be a pybridge solver such as pb.Tsit5(); got {solver!r}")
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}; got {engine!r}")
+    # SDEs (pb.SDEProblem + an SDE solver such as pb.SOSRI()): `seed` or `brownian` fixes the path.
+    if is_sde != (getattr(solver, "family", None) == "sde"):
+        raise TypeError(f"solver {solver!r} does not match the problem: an SDEProblem needs an SDE solver "
+                        "(pb.EM(), pb.SOSRI(), ...) and an ODEProblem an ODE solver"
+                        if is_sde else f"solver {solver!r} solves SDEs: pass a pb.SDEProblem")
+    if brownian is not None and not is_sde:
+        raise ValueError("brownian= is only for SDEProblems")
+    if is_sde and engine != "torch":
+        raise ValueError(f"SDEs are solved by the torch engine only; got engine={engine!r}")
     if batch not in BATCH_MODES:
         raise ValueError(f"batch must be one of {BATCH_MODES}; got {batch!r}")
     lockstep = batch == "lockstep"
@@ -52,6 +84,7 @@ def solve(prob: ODEProblem, solver: Optional[Solver] = None, *, engine: str = "t
                          f"got per-sample t of shape {tuple(prob.t.shape)} (use batch='independent')")
     _check_tolerance("rtol", rtol, prob)
     _check_tolerance("atol", atol, prob)
+    _warn_unreachable_rtol(solver, rtol, prob)
     adaptive = solver.adaptive if adaptive is None else bool(adaptive)
     if dt is not None:
         if isinstance(dt, torch.Tensor):
@@ -76,10 +109,22 @@ def solve(prob: ODEProblem, solver: Optional[Solver] = None, *, engine: str = "t
     if local_regularizer not in (None, "unbiased", "biased"):
         raise ValueError(f"local_regularizer must be None, 'unbiased' or 'biased'; got {local_regularizer!r}")
     local = dict(local_regularizer=local_regularizer, seed=seed) if local_regularizer else {}
+    if progress and engine != "torch":
+        raise ValueError(f"progress=True is available on the torch engine only; got engine={engine!r}")
+    if progress:
+        from .progress import progress_bar
+        bar = progress_bar(desc=f"solve {solver!r}")
+    else:
+        bar = contextlib.nullcontext()
     options = dict(rtol=rtol, atol=atol, dt=dt, adaptive=adaptive, dtmin=dtmin, dtmax=dtmax,
                    max_steps=max_steps, dense=dense, lockstep=lockstep)
 
-    if engine == "julia":
+    if is_sde:
+        from .sde_adjoint import solve_sde_dispatch
+        with bar:
+            sol = solve_sde_dispatch(prob, solver, adjoint, adjoint_params, options, differentiable_dt=differentiable_dt,
+                                     brownian=brownian, seed=seed, local_regularizer=local_regularizer)
+    elif engine == "julia":
         from .julia_engine import solve_ode as julia_solve
         sol = julia_solve(prob, solver, adjoint=adjoint, adjoint_params=adjoint_params, **options)
     else:
@@ -87,12 +132,31 @@ def solve(prob: ODEProblem, solver: Optional[Solver] = None, *, engine: str = "t
         if adaptive and not build_method(solver, prob.y0.dtype, prob.y0.device).adaptive:
             raise ValueError(f"{solver!r} has no error estimate, so it cannot step adaptively: "
                              "pass adaptive=False with dt=...")
-        if isinstance(adjoint, DiscreteAdjoint):
-            sol = solve_ode(prob, solver, differentiable_dt=differentiable_dt, **options, **local)
-        else:
-            sol = adjoint.solve(prob, solver, adjoint_params, dict(options, **local))
+        with bar:
+            if isinstance(adjoint, DiscreteAdjoint):
+                sol = solve_ode(prob, solver, differentiable_dt=differentiable_dt, **options, **local)
+            else:
+                sol = adjoint.solve(prob, solver, adjoint_params, dict(options, **local))
     _report_failures(sol, raise_on_failure)
     return sol
+
+
+# float32 resolves ~1e-7 per operation; a stiff solver's Jacobian, LU and (ESDIRK) Newton
+# iteration lose a couple of digits more, so about 1e-5 relative is what it can reach.
+_REACHABLE_RTOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-1}
+
+
+def _warn_unreachable_rtol(solver, rtol, prob):
+    family = getattr(solver, "stiff", solver).family
+    floor = _REACHABLE_RTOL.get(prob.y0.dtype)
+    if family not in ("rosenbrock", "esdirk") or floor is None:
+        return
+    r = float(rtol.min()) if isinstance(rtol, torch.Tensor) else float(rtol)
+    if r < floor:
+        warnings.warn(f"{solver!r} with rtol={r:g} in {prob.y0.dtype}: a stiff solver in this dtype reaches "
+                      f"about rtol={floor:g}, so the tolerance cannot be met (expect many rejected steps or "
+                      f"Newton failures); use float64 (y0.double()) or rtol >= {floor:g}",
+                      UserWarning, stacklevel=3)
 
 
 def _check_tolerance(name, tol, prob):

@@ -23,16 +23,15 @@ class Norm:
             return _safe_sqrt(sq.mean(-1))
         if valid is None:
             return _safe_sqrt(sq.mean()).expand(x.shape[0])
-        weights = valid.to(x.dtype)
-        count = (weights.sum() * x.shape[1]).clamp_min(1)
-        total = torch.where(valid[:, None], sq, torch.zeros_like(sq)).sum()
+        count = (valid.sum() * x.shape[1]).clamp_min(1)
+        total = torch.where(valid[:, None], sq, 0.0).sum()
         return _safe_sqrt(total / count).expand(x.shape[0])
 
 
 def _safe_sqrt(x):
     # sqrt'(0) is infinite: finished samples (h = 0, zero error) would turn gradients into NaN.
     positive = x > 0
-    return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+    return torch.where(positive, torch.where(positive, x, 1.0).sqrt(), 0.0)
 
 
 def error_norm(norm: Norm, err, y0, y1, atol, rtol, valid=None) -> torch.Tensor:
@@ -44,13 +43,16 @@ def error_norm(norm: Norm, err, y0, y1, atol, rtol, valid=None) -> torch.Tensor:
     scale = atol + rtol * torch.maximum(y0.abs(), y1.abs())
     ratio = err / scale
     finite = torch.isfinite(ratio).all(-1)
-    if valid is not None:
+    if norm.lockstep and valid is not None:
+        # Rows outside the lockstep reduction are zeroed by the norm anyway: one mask for both.
         valid = valid & finite
+        safe = torch.where(valid[:, None], ratio, 0.0)
+        count = (valid.sum() * ratio.shape[1]).clamp_min(1)
+        eest = _safe_sqrt(safe.square().sum() / count).expand(ratio.shape[0])
     else:
-        valid = finite
-    safe = torch.where(finite[:, None], ratio, torch.zeros_like(ratio))
-    eest = norm(safe, valid)
-    return torch.where(finite, eest, torch.full_like(eest, float("inf")))
+        safe = torch.where(finite[:, None], ratio, 0.0)
+        eest = norm(safe, finite)
+    return torch.where(finite, eest, float("inf"))
 
 
 @dataclass
@@ -76,12 +78,13 @@ class PIController:
     def propose(self, dt, eest, errold, accept):
         """Next step size and error memory for every sample, given this step's outcome."""
         finite = torch.isfinite(eest)
-        e = torch.where(finite, eest, torch.ones_like(eest))
+        e = torch.where(finite, eest, 1.0)
         q11 = e.pow(self.beta1)
         q = (q11 / errold.pow(self.beta2) / self.gamma).clamp(1 / self.qmax, 1 / self.qmin)
-        q = torch.where(e == 0, torch.full_like(q, 1 / self.qmax), q)
-        steady = (q >= self.qsteady_min) & (q <= self.qsteady_max)
-        q = torch.where(steady, torch.ones_like(q), q)
+        q = torch.where(e == 0, 1 / self.qmax, q)
+        if not (self.qsteady_min == self.qsteady_max == 1):  # [1, 1] would map q = 1 to itself
+            steady = (q >= self.qsteady_min) & (q <= self.qsteady_max)
+            q = torch.where(steady, 1.0, q)
         dt_accept = dt / q
         dt_reject = dt / torch.clamp(q11 / self.gamma, max=1 / self.qmin)
         dt_reject = torch.where(finite, dt_reject, dt * self.qmin)

@@ -12,20 +12,31 @@ from .controller import Norm
 from .loop import LoopOptions, integrate
 from .rosenbrock import Rosenbrock
 from .rosenbrock_tableaus import ROSENBROCK_TABLEAUS
+from .esdirk import ESDIRK
+from .esdirk_tableaus import ESDIRK_TABLEAUS
 
 
 def build_method(solver, dtype, device):
     """The stepping object for a solver name. Methods hold only constant coefficient tensors, so
     they are cached: uploading coefficients costs a host-device transfer each on CUDA."""
-    return _build_method(solver.family, solver.name, dtype, torch.device(device))
+    # A composite (auto-switching) solver's stiff method is part of the cache key.
+    stiff = getattr(solver, "stiff", None)
+    inner = (stiff.family, stiff.name) if stiff is not None else None
+    return _build_method(solver.family, solver.name, dtype, torch.device(device), inner)
 
 
 @functools.lru_cache(maxsize=64)
-def _build_method(family, name, dtype, device):
+def _build_method(family, name, dtype, device, stiff=None):
     if family == "explicit_rk":
         return ExplicitRK(EXPLICIT_TABLEAUS[name], dtype, device)
     if family == "rosenbrock":
         return Rosenbrock(ROSENBROCK_TABLEAUS[name], dtype, device)
+    if family == "esdirk":
+        return ESDIRK(ESDIRK_TABLEAUS[name], dtype, device)
+    if family == "auto":
+        from .auto_switch import NONSTIFF, AutoSwitch
+        return AutoSwitch(_build_method("explicit_rk", NONSTIFF[name], dtype, device),
+                          _build_method(*stiff, dtype, device))
     raise ValueError(f"solver {name}() has no torch-engine implementation (family {family!r})")
 
 
@@ -47,11 +58,13 @@ class RightHandSide:
     def __call__(self, tau, y):
         t = tau * self.direction if self.flip else tau
         t_arg = t[0] if self.scalar_time else t
-        out = self.f(t_arg, y.reshape(self.shape))
+        # (reshape only when needed: on small problems every dispatched op costs as much as its work)
+        out = self.f(t_arg, y if y.shape == self.shape else y.reshape(self.shape))
         if not self.checked:
             check_output(out, self.y0, self.shape)
             self.checked = True
-        out = out.reshape(y.shape)
+        if out.shape != y.shape:
+            out = out.reshape(y.shape)
         return out * self.direction[:, None] if self.flip else out
 
     def jacobian(self, tau, y):
@@ -91,14 +104,18 @@ def solve_ode(prob, solver, *, rtol, atol, dt, adaptive, dtmin, dtmax, max_steps
     scalar_time = lockstep or not prob.batched
     rhs = RightHandSide(f or prob.f, prob, direction, scalar_time)
     method = build_method(solver, y0.dtype, y0.device)
+    if hasattr(method, "for_solve"):  # auto-switching: per-sample modes live for this solve only
+        method = method.for_solve()
     # A cubic Hermite interpolant would spoil a high-order method's saved values: step onto them.
     stop_at_saves = method.interpolation_order < method.order - 1
     opts = LoopOptions(adaptive=adaptive, dt=dt, dtmin=dtmin, dtmax=dtmax, max_steps=max_steps,
                        lockstep=lockstep, dense=dense, differentiable_dt=differentiable_dt,
-                       stop_at_saves=stop_at_saves)
+                       stop_at_saves=stop_at_saves, controller=getattr(method, "controller", None))
     if local_regularizer is not None:
         opts.probe = _probe(local_regularizer, seed, tau_save, lockstep)
     atol, rtol = _per_component(atol, prob), _per_component(rtol, prob)
+    if hasattr(method, "with_tolerances"):   # implicit methods scale their Newton norm by the solve's tolerances
+        method = method.with_tolerances(atol, rtol, lockstep)
     res = integrate(rhs, method, tau_save, y0_flat, atol, rtol, opts)
     sol = _to_solution(res, prob, solver, method, direction)
     if local_regularizer is not None:

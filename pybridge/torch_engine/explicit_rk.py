@@ -5,6 +5,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .controller import Norm, _safe_sqrt
 from .tableau import ButcherTableau
 
 
@@ -32,28 +33,33 @@ class ExplicitRK:
         self.a_rows = [as_tensor(list(tableau.a[i])) for i in range(s)]
         weights = [list(tableau.b)] + ([list(tableau.b_error)] if tableau.b_error is not None else [])
         self.weights = as_tensor(weights).T  # (s, 1 or 2): solution and error in one product
+        self.weights_T = self.weights.T.contiguous()  # (1 or 2, s)
         self.dense = as_tensor([list(r) for r in tableau.dense]) if tableau.dense is not None else None
         self.stiffness_pair = tableau.stiffness_pair
         self.interpolation_order = tableau.dense_order if tableau.dense is not None else 3
+        self._dense_T = self.dense.T.contiguous() if self.dense is not None else None
+        self._dense_powers = (torch.arange(1, self.dense.shape[1] + 1, device=device).to(dtype)
+                              if self.dense is not None else None)
 
     def step(self, rhs, t, y, h, k1) -> RKStep:
+        # Few, fused tensor ops: on small problems each op's dispatch costs as much as its work.
         hcol = h[:, None]
         ks = [k1]
         args = {0: y}
         keep = set(self.stiffness_pair)
         s = len(self.c)
         for i in range(1, s):
-            yi = y + hcol * (torch.stack(ks, -1) @ self.a_rows[i])
+            yi = torch.addcmul(y, hcol, torch.stack(ks, -1) @ self.a_rows[i])
             if i in keep or (self.fsal and i == s - 1):
                 args[i] = yi
-            ks.append(rhs(t + self.c[i] * h, yi))
-        K = torch.stack(ks, -1)  # (B, n, s)
-        combo = K @ self.weights  # (B, n, 1 or 2)
+            ks.append(rhs(torch.add(t, h, alpha=self.c[i]), yi))  # t + c_i·h in one op
+        K = torch.stack(ks, 1)  # (B, s, n)
+        combo = self.weights_T @ K  # (B, 1 or 2, n): solution and error weights in one product
         # FSAL: the last stage is evaluated at y1, so its argument *is* the solution.
-        y1 = args[s - 1] if self.fsal else y + hcol * combo[..., 0]
-        err = hcol * combo[..., 1] if self.adaptive else None
+        y1 = args[s - 1] if self.fsal else torch.addcmul(y, hcol, combo[:, 0])
+        err = hcol * combo[:, 1] if self.adaptive else None
         stage_args = tuple(args.get(i) for i in self.stiffness_pair)
-        return RKStep(y1, err, K.transpose(1, 2), stage_args, s - 1)
+        return RKStep(y1, err, K, stage_args, s - 1)
 
     def end_derivative(self, step: RKStep):
         """f(t1, y1) when the method has it already (FSAL), else None."""
@@ -61,22 +67,38 @@ class ExplicitRK:
 
     def stiffness(self, step: RKStep, y1, f1, norm):
         """|λ| ≈ ‖k_j − k_i‖ / ‖g_j − g_i‖ over the stiffness pair (index s = the step's end)."""
+        dk, dg = self.stiffness_terms(step, y1, f1)
+        if not isinstance(norm, Norm):
+            num, den = norm(dk), norm(dg)
+            ok = den > 0
+            return torch.where(ok, num / torch.where(ok, den, 1.0), 0.0)
+        return self.stiffness_from_terms(dk, dg, norm)
+
+    def stiffness_terms(self, step: RKStep, y1, f1):
+        """The two differences the estimate is the norm ratio of, (B, n) each."""
         s = step.ks.shape[1]
         i, j = self.stiffness_pair
         k = lambda m: f1 if m == s else step.ks[:, m]
         g = lambda m, arg: y1 if (m == s or arg is None) else arg
-        num = norm(k(j) - k(i))
-        den = norm(g(j, step.stage_args[1]) - g(i, step.stage_args[0]))
+        return k(j) - k(i), g(j, step.stage_args[1]) - g(i, step.stage_args[0])
+
+    @staticmethod
+    def stiffness_from_terms(dk, dg, norm: Norm):
+        """The estimate from stiffness_terms, for (..., B, n) stacks of them (the loop computes the
+        estimates of many steps at once); both RMS norms in one reduction."""
+        sq = torch.stack([dk, dg]).square()  # (2, ..., B, n)
+        ms = sq.mean((-2, -1), keepdim=True)[..., 0] if norm.lockstep else sq.mean(-1)
+        num, den = _safe_sqrt(ms).unbind(0)
         ok = den > 0
-        return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+        est = torch.where(ok, num / torch.where(ok, den, 1.0), 0.0)
+        return est.expand(dk.shape[:-1]) if norm.lockstep else est
 
     def interpolate(self, y0, h, ks, y1, f1, theta):
         """y at t0 + θh for θ of shape (B, K) → (B, K, n); the tableau's own dense output or Hermite."""
-        hh = h[:, None, None]
         if self.dense is not None:
-            powers = torch.stack([theta ** (m + 1) for m in range(self.dense.shape[1])], -1)  # (B,K,D)
-            w = powers @ self.dense.T  # (B, K, s)
-            return y0[:, None] + hh * (w @ ks)
+            powers = theta[..., None] ** self._dense_powers  # (B, K, D): θ, θ², …
+            w = powers @ self._dense_T  # (B, K, s)
+            return torch.addcmul(y0[:, None], h[:, None, None], w @ ks)
         return hermite(y0, y1, ks[:, 0], f1, h, theta)
 
 

@@ -1,8 +1,14 @@
 """The integration loop: per-sample stepping, step control, saving, trace and failure codes.
 
 Everything is carried as (B,) or (B, n) tensors so that samples advance independently without
-Python-level branching; the loop reads the device once per iteration (the termination flag and
-the number of save points the step covered, in one transfer).
+Python-level branching; the loop reads the device once per iteration (the termination flag, plus
+the number of save points the step covered when steps stop at save points, in one transfer).
+
+On small problems each dispatched tensor op costs about as much as its arithmetic, so the
+per-step op count is the solver's overhead (benchmarks/overhead.py). Work that no later step
+depends on is therefore batched over many steps: saved values (_flush_saves), the stiffness
+trace (_flush_stiffness, for methods that offer `stiffness_terms`), and the nfe / naccept /
+nreject counts (reduced from per-iteration records after the loop).
 
 Time runs in τ = direction·t, so every sample integrates forwards; the caller's right-hand side
 already accounts for the sign.
@@ -14,6 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..progress import SCALE as PROGRESS_SCALE, current_hook as progress_hook
 from ..solution import ReturnCode
 from .controller import Norm, PIController, error_norm, initial_step
 
@@ -73,7 +80,9 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
     y = y0
     k1 = rhs(tau, y)
     if opts.dt is not None:
-        dt = torch.full_like(tau, float(opts.dt))
+        # A tensor gives per-sample first steps (the SDE engine computes its own initial step).
+        dt = (opts.dt.to(tau).expand_as(tau).clone() if isinstance(opts.dt, torch.Tensor)
+              else torch.full_like(tau, float(opts.dt)))
     else:
         nfe += 1
         dt = initial_step(rhs, tau, y0, k1, method.order, atol, rtol, norm, dtmax)
@@ -83,11 +92,17 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
             dt = dt.min().expand(B)
     errold = controller.initial_errold(tau)
     status = torch.full((B,), RUNNING, dtype=torch.long, device=device)
-    iters = torch.zeros(B, dtype=torch.long, device=device)
-    naccept = torch.zeros_like(iters)
     counters = {}
+    # Per-iteration bookkeeping is kept as lists and reduced once after the loop (fewer ops per step).
+    actives, step_nfes, extra_evals = [], [], []
+    n_iter = 0
+    arange_cache = {}
 
     saved_vals, saved_idx = [], []
+    defer_saves = not opts.stop_at_saves   # stop_at_saves needs next_save every step
+    defer_stiffness = hasattr(method, "stiffness_terms")
+    stiff_pending = []
+    pending, pending_size = [], 0
     trace = {k: [] for k in ("t", "dt", "eest", "stiffness", "accept")}
     dense = {k: [] for k in ("tau", "h", "y0", "ks", "y1", "f1")} if opts.dense else None
     next_save = torch.ones(B, dtype=torch.long, device=device)
@@ -98,22 +113,27 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
     # Fixed steps cannot retry; in lockstep one dt serves everyone, so a diverging sample is
     # stopped rather than allowed to shrink the batch's step. Otherwise it retries smaller.
     stop_diverged = not opts.adaptive or opts.lockstep
+    on_progress = progress_hook()
 
+    active = status == RUNNING
     while True:
-        active = status == RUNNING
+        n_iter += 1
         # Steps never pass the end, nor, for methods without a good interpolant, the next save point.
         if opts.stop_at_saves:
             target = torch.gather(tau_save, 1, next_save.clamp(max=T - 1)[:, None])[:, 0]
         else:
             target = tau_end
         remaining = target - tau
-        hit = active & (dt >= remaining - end_slack)
-        h = torch.where(active, torch.where(hit, remaining, dt), torch.zeros_like(dt))
+        # The slack is relative to the target being aimed at (a save point far below t_end must
+        # not inherit t_end's slack, or a retry towards it could never shrink).
+        slack = end_slack if not opts.stop_at_saves else 100 * eps * torch.clamp(target.abs(), min=1.0)
+        hit = active & (dt >= remaining - slack)
+        h = torch.where(active, torch.where(hit, remaining, dt), 0.0)
         step = method.step(rhs, tau, y, h, k1)
-        nfe = nfe + active * step.nfe
+        actives.append(active)
+        step_nfes.append(step.nfe)
         for key, count in (getattr(step, "stats", None) or {}).items():
             counters[key] = counters.get(key, 0) + active * count
-        iters = iters + active
 
         finite_y1 = torch.isfinite(step.y1).all(-1)
         if step.err is not None:
@@ -126,45 +146,81 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
         if opts.adaptive:
             accept = accept & (eest <= 1)
 
+        hit_accept = hit & accept
+        # The step that reaches the end time (target is tau_end unless stopping at save points).
+        finishing = hit_accept if not opts.stop_at_saves else hit_accept & (target == tau_end)
         tau_new = torch.where(accept, torch.where(hit, target, tau + h), tau)
-        y_new = torch.where(accept[:, None], step.y1, y)
+        accept_col = accept[:, None]
+        y_new = torch.where(accept_col, step.y1, y)
         f_end = method.end_derivative(step)
         if f_end is None:
             f_end = rhs(tau_new, y_new)
-            nfe = nfe + accept
-        k1 = torch.where(accept[:, None], f_end, k1)
-        stiff = method.stiffness(step, step.y1, f_end, norm)
+            extra_evals.append(accept)
+        k1 = torch.where(accept_col, f_end, k1)
+        if defer_stiffness:  # computed for many steps at once (_flush_stiffness); a placeholder until then
+            stiff_pending.append(method.stiffness_terms(step, step.y1, f_end))
+            stiff = None
+        else:
+            stiff = method.stiffness(step, step.y1, f_end, norm)
 
         if opts.adaptive:
             eest_ctrl = eest if opts.differentiable_dt else eest.detach()
             dt_new, errold = controller.propose(h, eest_ctrl, errold, accept)
             # A step shortened to land on a target says nothing about the size the problem allows.
-            dt_new = torch.where(hit & accept, torch.maximum(dt_new, dt), dt_new)
+            dt_new = torch.where(hit_accept, torch.maximum(dt_new, dt), dt_new)
             dt_new = torch.minimum(dt_new, dtmax)
-            dtmin = torch.clamp(10 * eps * torch.clamp(tau.abs(), min=1.0), min=opts.dtmin)
-            too_small = active & ~(accept & hit & (target == tau_end)) & (dt_new < dtmin)
-            status = torch.where(too_small & ~torch.isfinite(eest), int(ReturnCode.Unstable), status)
-            status = torch.where(too_small & torch.isfinite(eest), int(ReturnCode.DtLessThanMin), status)
+            dtmin = 10 * eps * torch.clamp(tau.abs(), min=1.0)
+            if opts.dtmin > 0:
+                dtmin = torch.clamp(dtmin, min=opts.dtmin)
+            too_small = (active ^ finishing) & (dt_new < dtmin)  # finishing ⊆ active: active & ~finishing
+            status = torch.where(too_small, torch.where(torch.isfinite(eest), int(ReturnCode.DtLessThanMin),
+                                                        int(ReturnCode.Unstable)), status)
             if failed is not None:
                 status = torch.where(too_small & failed, int(ReturnCode.ConvergenceFailure), status)
             dt = torch.where(active, dt_new, dt)
         if stop_diverged:
             status = torch.where(active & ~finite_y1, int(ReturnCode.Unstable), status)
-        status = torch.where(accept & hit & (target == tau_end), int(ReturnCode.Success), status)
-        naccept = naccept + accept
-        status = torch.where((status == RUNNING) & (iters >= opts.max_steps), int(ReturnCode.MaxIters), status)
+        if failed is not None and not opts.adaptive:
+            # A fixed step cannot shrink: an implicit solve that did not converge ends the sample.
+            status = torch.where(active & failed, int(ReturnCode.ConvergenceFailure), status)
+        status = torch.where(finishing, int(ReturnCode.Success), status)
+        if n_iter >= opts.max_steps:
+            # A sample still running has been active in every iteration: its iters = n_iter.
+            status = torch.where(status == RUNNING, int(ReturnCode.MaxIters), status)
+        running = status == RUNNING
 
-        # Save points covered by accepted steps, interpolated with the method's own dense output.
-        covered = (tau_save <= tau_new[:, None]).sum(1)
-        nsave = torch.where(accept, covered - next_save, torch.zeros_like(covered))
-        still_running, k_max = torch.stack([(status == RUNNING).any().long(), nsave.max()]).tolist()
+        # Save points covered by accepted steps, interpolated with the method's own dense output:
+        # batched over many steps (see _flush_saves), or per step when the targets follow the saves.
+        if defer_saves:
+            size = step.ks.numel() + 3 * y.numel()
+            if pending and (pending_size + size > SAVE_BUFFER_ELEMENTS or step.ks.shape != pending[0][3].shape):
+                next_save = _flush_saves(method, pending, tau_save, next_save, saved_vals, saved_idx)
+                pending, pending_size = [], 0
+            pending.append((tau, h, y, step.ks, step.y1, f_end, tau_new))
+            pending_size += size
+            flags = [running.any()]
+        else:
+            covered = (tau_save <= tau_new[:, None]).sum(1)
+            nsave = torch.where(accept, covered - next_save, 0)
+            flags = [running.sum(), nsave.max()]
+        if on_progress is not None:  # solve(progress=True): the slowest running sample's covered fraction, same read
+            covered_frac = torch.where(status == RUNNING, (tau_new - tau_save[:, 0]) / span, torch.ones_like(span))
+            flags = [flags[0].long(), *flags[1:], (covered_frac.min() * PROGRESS_SCALE).long()]
+        # The loop's one read from the device per iteration.
+        still_running, *rest = torch.stack(flags).tolist() if len(flags) > 1 else [bool(flags[0])]
+        k_max = 0 if defer_saves else rest.pop(0)
+        frac = rest
+        if frac:
+            on_progress(frac[0] / PROGRESS_SCALE)
         if k_max > 0:
-            j = torch.arange(k_max, device=device)
+            j = arange_cache.get(k_max)
+            if j is None:
+                j = arange_cache[k_max] = torch.arange(k_max, device=device)
             idx = next_save[:, None] + j
             valid = j < nsave[:, None]
             tq = torch.gather(tau_save, 1, idx.clamp(max=T - 1))
-            safe_h = torch.where(accept, h, torch.ones_like(h))
-            theta = torch.where(valid, (tq - tau[:, None]) / safe_h[:, None], torch.zeros_like(tq))
+            safe_h = torch.where(accept, h, 1.0)
+            theta = torch.where(valid, (tq - tau[:, None]) / safe_h[:, None], 0.0)
             vals = method.interpolate(y, h, step.ks, step.y1, f_end, theta)
             at_end = (tq >= tau_new[:, None])[..., None]
             vals = torch.where(at_end, step.y1[:, None], vals)
@@ -179,6 +235,8 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
 
         for key, val in (("t", tau_new), ("dt", h), ("eest", eest), ("stiffness", stiff), ("accept", accept)):
             trace[key].append(val)
+        if stiff_pending and len(stiff_pending) * 2 * y.numel() > SAVE_BUFFER_ELEMENTS:
+            _flush_stiffness(method, stiff_pending, trace["stiffness"], norm)
         # Per-step quantities a method adds to the trace (e.g. which method an auto-switcher used).
         for key, val in (getattr(step, "extra_trace", None) or {}).items():
             trace.setdefault(key, []).append(val)
@@ -186,14 +244,79 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
             for key, val in (("tau", tau), ("h", h), ("y0", y), ("ks", step.ks), ("y1", step.y1), ("f1", f_end)):
                 dense[key].append(val)
         tau, y = tau_new, y_new
+        active = running
         if not still_running:
             break
 
+    # Per-sample counts from the per-iteration records: iterations while running, accepted steps,
+    # and evaluations (the method's per-step count while active, plus f(t1, y1) on accepted steps
+    # for methods without FSAL).
+    active_steps = torch.stack(actives)                         # (N, B)
+    iters = active_steps.sum(0)
+    naccept = torch.stack(trace["accept"]).sum(0)
+    if all(isinstance(c, int) for c in step_nfes) and len(set(step_nfes)) == 1:
+        nfe = nfe + step_nfes[0] * iters
+    else:
+        per_step = torch.stack([torch.as_tensor(c, device=device).expand(B) for c in step_nfes])
+        nfe = nfe + (active_steps * per_step).sum(0)
+    if extra_evals:
+        nfe = nfe + torch.stack(extra_evals).sum(0)
+
+    if stiff_pending:
+        _flush_stiffness(method, stiff_pending, trace["stiffness"], norm)
+    if pending:
+        next_save = _flush_saves(method, pending, tau_save, next_save, saved_vals, saved_idx)
     ys = _assemble_saves(y0, saved_vals, saved_idx, T)
     return LoopResult(ys=ys, status=status, nfe=nfe, naccept=naccept, nreject=iters - naccept, counters=counters,
                       trace=_compact(trace, "accept"),
                       dense=_compact(dense, None, trace["accept"]) if dense else None, tau=tau, dt=dt,
                       probe=(probe_tau, probe_y) if opts.probe is not None else None)
+
+
+# Steps whose save points are interpolated together; bounds the memory the buffer holds on top of
+# what autograd keeps anyway (elements of ks, y, y1 and f1 over the buffered steps).
+SAVE_BUFFER_ELEMENTS = 1 << 22
+
+
+def _flush_stiffness(method, terms, series, norm):
+    """Fill the trailing placeholders of the stiffness trace from the buffered terms, in one go."""
+    dk, dg = (torch.stack(x) for x in zip(*terms))          # (M, B, n)
+    series[len(series) - len(terms):] = list(method.stiffness_from_terms(dk, dg, norm).unbind(0))
+    terms.clear()
+
+
+def _flush_saves(method, pending, tau_save, next_save, saved_vals, saved_idx):
+    """Values at the save points that the buffered steps covered, in one batched interpolation.
+
+    pending holds per iteration (tau, h, y0, ks, y1, f1, tau_new) for every sample (rejected and
+    finished samples have tau_new == tau). The save point tq of a sample lies in the first buffered
+    step whose end reaches it, tau_new >= tq: earlier steps end before it and a rejected step's
+    tau_new is the previous end, so that step is the accepted one with tau < tq <= tau_new. The
+    values are those the per-step computation gives: the method's interpolant at θ = (tq − tau)/h,
+    and y1 itself where tq is the step's end. Returns the advanced next_save.
+    """
+    taus, hs, ys, kss, y1s, fs, tnews = (torch.stack(x) for x in zip(*pending))  # (M, B, ...)
+    M, B = taus.shape
+    T = tau_save.shape[1]
+    nsave = (tau_save <= tnews[-1][:, None]).sum(1) - next_save
+    K = int(nsave.max())
+    if K <= 0:
+        return next_save
+    j = torch.arange(K, device=tau_save.device)
+    idx = next_save[:, None] + j                                  # (B, K)
+    valid = j < nsave[:, None]
+    tq = torch.gather(tau_save, 1, idx.clamp(max=T - 1))
+    m = torch.searchsorted(tnews.T.contiguous(), tq.contiguous()).clamp(max=M - 1)
+    rows = (m * B + torch.arange(B, device=m.device)[:, None]).reshape(-1)     # (B*K,) into (M*B)
+    pick = lambda x: x.reshape((M * B,) + x.shape[2:]).index_select(0, rows)
+    tau_m, h_m, tnew_m, y1_m = pick(taus), pick(hs), pick(tnews), pick(y1s)
+    tq, valid_f = tq.reshape(-1), valid.reshape(-1)
+    theta = torch.where(valid_f, (tq - tau_m) / torch.where(valid_f, h_m, 1.0), 0.0)[:, None]
+    vals = method.interpolate(pick(ys), h_m, pick(kss), y1_m, pick(fs), theta)[:, 0]
+    vals = torch.where((tq >= tnew_m)[:, None], y1_m, vals)
+    saved_vals.append(vals.reshape(B, K, -1))
+    saved_idx.append(torch.where(valid, idx, T))
+    return next_save + nsave
 
 
 def _assemble_saves(y0, vals, idx, T):

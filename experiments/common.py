@@ -1,0 +1,51 @@
+"""Pieces the multi-seed experiments (mnist_node, latent_ode) share: λ schedules and reporting."""
+from __future__ import annotations
+
+import statistics
+
+import numpy as np
+
+
+def schedule(lam, step, steps):
+    """λ at `step`: a constant, or (λ0, λ1) decayed exponentially over training as in the papers."""
+    if not isinstance(lam, (tuple, list)):
+        return float(lam)
+    lam0, lam1 = lam
+    return lam0 * (lam1 / lam0) ** (step / max(steps - 1, 1))
+
+
+def mean_sd(xs):
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def paper_lines(title, metric_label, rows):
+    """The papers' table (REGULARIZATION.md) beside ours."""
+    lines = ["", title, f"{'paper':6s} {'method':16s} {metric_label:>9s} {'NFE':>5s} {'train':>7s} {'predict':>8s}"]
+    for row in rows:
+        lines.append(f"{row[0]:6s} {row[1]:16s} {row[2]:>9s} {row[3]:5d} {row[4]:>7s} {row[5]:>8s}")
+    return lines
+
+
+def plot(results, curves, path, metric, metric_label, curve_label, ylim_top=None):
+    """Bars of the metric and test NFE (mean ± sd over seeds) and the NFE curve over training."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(results)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, key, label in ((axes[0], metric, metric_label), (axes[1], "nfe", "NFE at test")):
+        means = [statistics.mean(r[key] for r in results[n]) for n in names]
+        sds = [statistics.stdev(r[key] for r in results[n]) if len(results[n]) > 1 else 0 for n in names]
+        ax.bar(range(len(names)), means, yerr=sds, capsize=4, color=[f"C{i}" for i in range(len(names))])
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=20, fontsize=8)
+        ax.set_ylabel(label)
+        if key == metric and ylim_top is not None:
+            ax.set_ylim(min(means) - 3, ylim_top)
+    for i, n in enumerate(names):
+        axes[2].plot(np.array(curves[n], dtype=float).mean(0), color=f"C{i}", label=n)
+    axes[2].set_xlabel("training step")
+    axes[2].set_ylabel(curve_label)
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

