@@ -13,7 +13,7 @@ pytest.importorskip("torchdiffeq")
 
 
 def test_modules_import():
-    for name in ("benchmarks.report", "benchmarks.overhead", "benchmarks.stiff", "benchmarks.nonstiff",
+    for name in ("benchmarks.report", "benchmarks.overhead", "benchmarks.stiff", "benchmarks.nonstiff", "benchmarks.sde",
                  "benchmarks.__main__"):
         mod = importlib.import_module(name)
         assert callable(getattr(mod, "main", None)) or name == "benchmarks.report", name

@@ -57,6 +57,11 @@ _M1 = _s64(0xBF58476D1CE4E5B9)
 _M2 = _s64(0x94D049BB133111EB)
 _DIM_MUL = _s64(0xD1B54A32D192ED03)
 _NODE_SALT = _s64(0x5851F42D4C957F2D)
+_CHUNK = 1 << 14  # elements per level chunk of a query: small enough to stay in cache
+# Up to this many (endpoint, sample, dimension) entries per level a query descends all levels at
+# once (_levels: launch-bound sizes, ~2-3x faster); above it the per-level loop is as fast or
+# faster (compute-bound, smaller temporaries). Both give bit-identical float64 values.
+_VECTORISE_MAX = 512
 _MAX_DEPTH = 52  # below 2^-52 float64 normalised times cannot be told apart
 
 
@@ -117,7 +122,8 @@ class VirtualBrownianTree:
             float64.
         device: defaults to the device of ``t0``/``t1`` if tensors, else CPU.
         compile: wrap the (fixed-shape, fixed-depth) query in ``torch.compile``. Eager queries
-            are launch-bound (~30 small kernels per tree level); compiled they fuse into a few
+            are launch-bound for small batches (up to 2·B·m = 512 all levels are descended at once, ~100
+            kernels a query; above that ~30 small kernels per tree level); compiled they fuse into a few
             kernels (H100, B·m = 32k: 5 ms -> 0.3 ms for W, 9 ms -> 0.6 ms with Lévy area) at
             a one-off compile cost of ~0.5-2 min. Worth it for long adaptive CUDA solves.
     """
@@ -169,6 +175,25 @@ class VirtualBrownianTree:
             self.depth = max(0, min(_MAX_DEPTH, math.ceil(math.log2(ratio) - 1e-12)))
         self.tol = self._len * 2.0**-self.depth  # effective per-sample resolution
 
+        # Query constants (per tree level), built once.
+        D = self.depth
+        ks = torch.arange(D + 1, device=self.device)
+        # Level columns with a leading root column (level "-1": node 0), so one hash covers the
+        # root, every level and the leaf.
+        self._pow2 = torch.cat([torch.zeros(1, **f64), torch.exp2(ks.double())])  # (D+2,)
+        self._heap = torch.cat([torch.zeros(1, dtype=torch.int64, device=self.device), 1 << ks])
+        self._is_a = torch.tensor([True, False], device=self.device)[:, None]  # (2, 1)
+        self._half_sig = torch.tensor([-0.5, 0.5], dtype=dtype, device=self.device)[:, None, None]
+        su = [2.0**-k for k in range(D)]  # same Python-float expressions as stepwise descent
+        lv = lambda v: torch.tensor(v, **f64)  # noqa: E731
+        self._lvl = dict(cz=lv([math.sqrt(x) / 4.0 for x in su]), cn=lv([math.sqrt(x / 12.0) for x in su]),
+                         q4=lv([x / 4.0 for x in su]), c15=lv([1.5 / x for x in su]),
+                         ch=lv([math.sqrt(x) / 2.0 for x in su]), hs=lv([0.5 * x for x in su]))
+        # scan scalings by level relative to a chunk's first level k0: j = k − k0 = 0, 1, ...
+        j = [float(i + 1) for i in range(D)]
+        self._rel = dict(p8=lv([8.0**x for x in j]), m8=lv([-(8.0**x) for x in j]), i8=lv([8.0**-x for x in j]),
+                         p2=lv([2.0**x for x in j]), i2=lv([2.0**-x for x in j]))
+
         # Per-(sample, dim) stream keys; each step is a bijection so distinct (b, j) never collide
         # for a fixed seed.
         kseed = _s64(_mix_py(_mix_py(self.seed) + 0x9E3779B97F4A7C15))
@@ -211,6 +236,10 @@ class VirtualBrownianTree:
         """Hash words for tree nodes ``node_ids`` (..., B) -> (..., B, m)."""
         return _mix(self._base ^ _mix(node_ids * _GOLDEN + _NODE_SALT)[..., None])
 
+    def _hash_levels(self, node_ids: torch.Tensor) -> torch.Tensor:
+        """Same words as ``_hash``, for node ids (2, B, L) -> (2, B, m, L) (level axis last)."""
+        return _mix(self._base[..., None] ^ _mix(node_ids * _GOLDEN + _NODE_SALT)[:, :, None, :])
+
     def _query(self, s: Time, t: Time, area: bool):
         return self._core_fn(self._normalise(s), self._normalise(t), area)
 
@@ -229,59 +258,52 @@ class VirtualBrownianTree:
         r = torch.stack([torch.minimum(rs, rt), torch.maximum(rs, rt)])  # (2, B): a, b
 
         # Node index j_k at level k (interval [j 2^-k, (j+1) 2^-k]); points on a midpoint go left.
-        ks = torch.arange(D + 1, device=self.device)
-        J = (torch.ceil(r[None] * torch.exp2(ks.double())[:, None, None]) - 1).clamp_min(0).long()
-        node = (1 << ks)[:, None, None] + J  # heap numbering; node 0 is reserved for the root draw
-        right = (J[1:] - 2 * J[:-1]).bool()  # (D, 2, B) which child each point descends into
-        active = J[:, 0] != J[:, 1]  # (D+1, B) endpoints already separated at this level
-        is_a = torch.tensor([True, False], device=self.device)[:, None]  # (2, 1)
-        sig = torch.tensor([-1.0, 1.0], dtype=dt, device=self.device)[:, None, None]
+        # Level tensors keep the level axis last: the running sums in _levels scan along it.
+        Jx = (torch.ceil(r[..., None] * self._pow2) - 1).clamp_min(0).long()  # (2, B, D+2)
+        node = self._heap + Jx  # heap numbering, column 0 the root (node 0), column k+1 level k
+        J = Jx[..., 1:]  # (2, B, D+1)
+        right = J[..., 1:] - 2 * J[..., :-1]  # (2, B, D) 1 where the point enters the right child
+        active = J[0] != J[1]  # (B, D+1) endpoints already separated at this level
+        acc = active[:, :D] & (right.bool() ^ self._is_a[..., None])  # a keeps right siblings, b left
 
+        per_level = 2 * self.B * self.m
+        if per_level > _VECTORISE_MAX:
+            return self._core_stepwise(r, rev, node, J, right, active, acc, area)
+        chunk = max(1, _CHUNK // max(per_level, 1))
+        one = D + 2 <= chunk  # one hash for the root, all levels and the leaf
+        if one:
+            Zx = _normals(self._hash_levels(node), dt, levy)
+            z1, z2 = Zx[0][0, ..., 0], (Zx[1][0, ..., 0] if levy else None)
+        else:
+            z1, z2 = _normals(self._hash(torch.zeros_like(r[0], dtype=torch.int64)), dt, levy)
         # Root [0, 1]: W_1 ~ N(0, 1), bhh_1 = H_{0,1} ~ N(0, 1/12) independent.
-        z1, z2 = _normals(self._hash(torch.zeros_like(r[0], dtype=torch.int64)), dt, levy)
         w = z1.expand(2, -1, -1)  # W over the current node of each point
         hh = (z2 / math.sqrt(12.0)).expand(2, -1, -1) if levy else None  # bhh over the node
-        aw = torch.zeros_like(w)  # accumulated W between the point's node and t*
-        ah = torch.zeros_like(w) if levy else None  # accumulated bhh between node and t*
-        gap = torch.zeros_like(r)  # time between the point's node and t* (float64)
+        aw = ah = gap = None  # accumulated W, bhh and time between the point's node and t* (zero)
 
-        # Hash in chunks of levels: few kernel launches, bounded memory.
-        per_level = 2 * self.B * self.m
-        chunk = max(1, (1 << 20) // max(per_level, 1))
+        # All levels of a chunk at once (few kernel launches, bounded memory); see _levels.
         for c0 in range(0, D, chunk):
-            Z = _normals(self._hash(node[c0 : min(D, c0 + chunk)]), dt, levy)
-            for k in range(c0, min(D, c0 + chunk)):
-                su = 2.0**-k
-                hs = 0.5 * su
-                z1 = Z[0][k - c0]
-                if levy:  # Foster Thm 6.1.6: joint midpoint draw of (W, bhh) on both halves
-                    z = z1 * (math.sqrt(su) / 4.0)
-                    n = Z[1][k - c0] * math.sqrt(su / 12.0)
-                    t2 = (1.5 / su) * hh + z
-                    w_st, w_tu = 0.5 * w + t2, 0.5 * w - t2
-                    b1, b2 = hh / 8.0 - (su / 4.0) * z, (su / 4.0) * n
-                    h_st, h_tu = b1 + b2, b1 - b2
-                else:  # plain Brownian bridge midpoint
-                    t2 = (math.sqrt(su) / 2.0) * z1
-                    w_st, w_tu = 0.5 * w + t2, 0.5 * w - t2
-                rgt = right[k][..., None]
-                acc = (active[k] & (right[k] ^ is_a))[..., None]  # a keeps right sibling, b left
-                sib_w = torch.where(rgt, w_st, w_tu)
-                w = torch.where(rgt, w_tu, w_st)
-                g = gap.to(dt)[..., None]
-                if levy:
-                    sib_h = torch.where(rgt, h_st, h_tu)
-                    hh = torch.where(rgt, h_tu, h_st)
-                    # Chen's relation; sig orients it (a: piece left of t*, b: right of t*)
-                    ah = torch.where(acc, ah + sib_h + 0.5 * sig * (hs * aw - g * sib_w), ah)
-                aw = torch.where(acc, aw + sib_w, aw)
-                gap = gap + acc[..., 0] * hs
+            c1 = min(D, c0 + chunk)
+            Z = tuple(x[..., c0 + 1 : c1 + 1] for x in Zx if x is not None) if one else \
+                _normals(self._hash_levels(node[..., c0 + 1 : c1 + 1]), dt, levy)
+            w, hh, aw, ah, gap = self._levels(c0, c1, Z, right[..., c0:c1], acc[..., c0:c1], w, hh, aw, ah, gap)
+        if aw is None:  # depth 0
+            aw, gap = torch.zeros_like(w), torch.zeros_like(r)
+            ah = torch.zeros_like(w) if levy else None
+        return self._leaf(r, rev, Zx if one else None, node, J, active, w, hh, aw, ah, gap, area)
+
+    def _leaf(self, r, rev, Zx, node, J, active, w, hh, aw, ah, gap, area):
+        levy, dt, D = self.levy_area, self.dtype, self.depth
+        one = Zx is not None
+        J = J[..., D]
+        active = active[:, D]
 
         # Leaf [s, s+su]: exact conditional draw at the query point r (Foster Thm 6.1.4).
         su = 2.0**-D
-        sr = (r - J[D] * su).clamp(0.0, su)
+        sr = (r - J * su).clamp(0.0, su)
         ru = (su - sr).clamp_min(0.0)
-        x1, x2 = _normals(self._hash(node[D]), dt, levy)
+        x1, x2 = (Zx[0][..., D + 1], Zx[1][..., D + 1] if levy else None) if one else \
+            _normals(self._hash_levels(node[..., D + 1 :])[..., 0], dt, levy)
         c = lambda v: v.to(dt)[..., None]  # noqa: E731  float64 (2,B) coefficient -> (2,B,1)
         if levy:
             sr3, ru3 = sr**3, ru**3
@@ -297,17 +319,18 @@ class VirtualBrownianTree:
         else:
             w_sr = c(sr / su) * w + c(torch.sqrt(sr * ru / su)) * x1
             w_ru = w - w_sr
+        is_a = self._is_a
         ia = is_a[..., None]
         pw = torch.where(ia, w_ru, w_sr)  # the leaf piece on t*'s side of the point
         plen = torch.where(is_a, ru, sr)
         g = gap.to(dt)[..., None]
         if levy:
             ph = torch.where(ia, h_ru, h_sr)
-            ah = ah + ph + 0.5 * sig * (c(plen) * aw - g * pw)
+            ah = ah + ph + self._half_sig * (c(plen) * aw - g * pw)
         aw = aw + pw
         lab = gap + plen  # (t* - a, b - t*)
 
-        same = (~active[D])[:, None]  # both endpoints in one leaf: difference of local draws
+        same = (~active)[:, None]  # both endpoints in one leaf: difference of local draws
         W = torch.where(same, w_sr[1] - w_sr[0], aw[0] + aw[1])
         sign = torch.where(rev, -1.0, 1.0).to(dt)[:, None]
         W = W * (sign * self._sqrt_len)
@@ -319,6 +342,141 @@ class VirtualBrownianTree:
         inv_h = torch.where(h > 0, 1.0 / torch.where(h > 0, h, 1.0), 0.0)
         H = torch.where(same, bhh_same, bhh_div) * c(inv_h) * self._sqrt_len
         return self._out(W), self._out(H)
+
+    def _core_stepwise(self, r, rev, node, J, right, active, acc, area):
+        """The per-level descent (same arithmetic as _levels, one level at a time)."""
+        levy, dt, D = self.levy_area, self.dtype, self.depth
+        z1, z2 = _normals(self._hash(torch.zeros_like(r[0], dtype=torch.int64)), dt, levy)
+        w = z1.expand(2, -1, -1)
+        hh = (z2 / math.sqrt(12.0)).expand(2, -1, -1) if levy else None
+        aw = torch.zeros_like(w)
+        ah = torch.zeros_like(w) if levy else None
+        gap = torch.zeros_like(r)
+        sig = self._half_sig * 2.0
+        per_level = 2 * self.B * self.m
+        chunk = max(1, (1 << 20) // max(per_level, 1))
+        nodes = node[..., 1:].permute(2, 0, 1)  # (D+1, 2, B) level-first
+        rights = right.permute(2, 0, 1).bool()
+        accs = acc.permute(2, 0, 1)
+        for c0 in range(0, D, chunk):
+            Z = _normals(self._hash(nodes[c0 : min(D, c0 + chunk)]), dt, levy)
+            for k in range(c0, min(D, c0 + chunk)):
+                su = 2.0**-k
+                hs = 0.5 * su
+                z1 = Z[0][k - c0]
+                if levy:  # Foster Thm 6.1.6: joint midpoint draw of (W, bhh) on both halves
+                    z = z1 * (math.sqrt(su) / 4.0)
+                    n = Z[1][k - c0] * math.sqrt(su / 12.0)
+                    t2 = (1.5 / su) * hh + z
+                    w_st, w_tu = 0.5 * w + t2, 0.5 * w - t2
+                    b1, b2 = hh / 8.0 - (su / 4.0) * z, (su / 4.0) * n
+                    h_st, h_tu = b1 + b2, b1 - b2
+                else:  # plain Brownian bridge midpoint
+                    t2 = (math.sqrt(su) / 2.0) * z1
+                    w_st, w_tu = 0.5 * w + t2, 0.5 * w - t2
+                rgt = rights[k][..., None]
+                ac = accs[k][..., None]
+                sib_w = torch.where(rgt, w_st, w_tu)
+                w = torch.where(rgt, w_tu, w_st)
+                g = gap.to(dt)[..., None]
+                if levy:
+                    sib_h = torch.where(rgt, h_st, h_tu)
+                    hh = torch.where(rgt, h_tu, h_st)
+                    ah = torch.where(ac, ah + sib_h + 0.5 * sig * (hs * aw - g * sib_w), ah)
+                aw = torch.where(ac, aw + sib_w, aw)
+                gap = gap + ac[..., 0] * hs
+        return self._leaf(r, rev, None, node, J, active, w, hh, aw, ah, gap, area)
+
+    def _levels(self, k0, k1, Z, right, acc, w, hh, aw, ah, gap):
+        """Descend levels k0 <= k < k1 for both endpoints, all levels at once.
+
+        Per level k (su = 2^-k, σ = +1 into the left child, -1 into the right) the exact bridge
+        update is (Foster Thm 6.1.6 with Lévy area; plain bridge otherwise)::
+
+            t2 = 1.5/su·hh + z                  (plain: t2 = √su/2·z1)
+            b1 = hh/8 − su/4·z
+            w' = ½w + σ t2,        hh' = b1 + σ su/4·n        (the child the point enters)
+            sib_w = ½w − σ t2,     sib_h = b1 − σ su/4·n      (its sibling)
+            aw += sib_w,  ah += sib_h + ½ sig (hs·aw − gap·sib_w),  gap += hs   (where acc)
+
+        The w and hh recurrences are linear with power-of-two factors (½, ⅛), so after scaling
+        by 2^(k−k0) resp. 8^(k−k0) (exact in floating point) they are running sums, as are aw, ah
+        and gap. Each running sum is one ``torch.cumsum`` along the level axis, which adds in
+        sequence: in float64 this is bit-identical to stepping level by level (CPU; the scans
+        run in float64 for float32 paths too, so float32 differs from stepwise float32
+        arithmetic by rounding only)."""
+        levy, dt, f64 = self.levy_area, self.dtype, torch.float64
+        L = k1 - k0
+        c = {k: v[k0:k1] for k, v in self._lvl.items()}  # per-level constants (L,), float64
+        c.update({k: v[:L] for k, v in self._rel.items()})
+        cd = {k: v.to(dt) for k, v in c.items() if k in ("cz", "cn", "q4", "c15", "ch", "hs")}
+        sgn = (1 - 2 * right).to(dt)[:, :, None]  # (2, B, 1, L)
+        accm = acc[:, :, None]
+        shape = (2, self.B, self.m)
+
+        def scan(carry, n, fill):
+            """Running sum along the last axis of [carry, terms]: fill(view) writes the n terms."""
+            if carry is None:  # zero carry: 0 + x = x, so the sum of the terms alone is the same
+                buf = torch.empty(*shape, n, dtype=f64, device=self.device)
+                fill(buf)
+            else:
+                buf = torch.empty(*shape, n + 1, dtype=f64, device=self.device)
+                buf[..., 0] = carry
+                fill(buf[..., 1:])
+            return buf.cumsum_(-1) if carry is None else buf.cumsum_(-1)[..., 1:]
+
+        if levy:
+            z = Z[0] * cd["cz"]
+            n = Z[1] * cd["cn"]
+            q = z * cd["q4"]  # su/4·z (exact scaling)
+            rr = n * cd["q4"]  # su/4·n
+            srr = sgn * rr
+
+            # hh: S_k = 8^(k−k0) hh_k obeys S_{k+1} = (S_k − 8^(k+1−k0) q_k) + 8^(k+1−k0) σ rr_k
+            def fill_h(v):
+                v = v.unflatten(-1, (L, 2))
+                torch.mul(q, c["m8"], out=v[..., 0])
+                torch.mul(srr, c["p8"], out=v[..., 1])
+            cs = scan(hh, 2 * L, fill_h)  # b1 at odd, hh at even positions (levels k0+1 .. k1)
+            hs8 = cs.unflatten(-1, (L, 2)) * c["i8"][:, None]
+            b1 = hs8[..., 0].to(dt)
+            hh1 = hs8[..., 1].to(dt)  # hh_k, k0 < k <= k1
+            hhs = torch.cat([hh[..., None], hh1[..., :-1]], -1) if L > 1 else hh[..., None]
+            t2 = hhs * cd["c15"] + z
+        else:
+            t2 = Z[0] * cd["ch"]
+        # w: 2^(k−k0) w_k is a running sum of 2^(k+1−k0) σ t2_k
+        st2 = sgn * t2
+        cw = scan(w, L, lambda v: torch.mul(st2, c["p2"], out=v))
+        ws1 = (cw * c["i2"]).to(dt)  # w_k, k0 < k <= k1
+        wprev = torch.cat([w[..., None], ws1[..., :-1]], -1) if L > 1 else w[..., None]
+        sib_w = 0.5 * wprev - st2
+        zero = torch.zeros((), dtype=dt, device=self.device)
+
+        def masked(x, out):  # out[...] = where(acc, x, 0); out is float64
+            if dt == f64:
+                torch.where(accm, x, zero, out=out)
+            else:
+                out.copy_(torch.where(accm, x, zero))
+        caw = scan(aw, L, lambda v: masked(sib_w, v)).to(dt)  # aw after level k
+        steps = acc * c["hs"]
+        gaps = steps.cumsum(-1) if gap is None else torch.cat([gap[..., None], steps], -1).cumsum(-1)[..., 1:]
+        if levy:
+            sib_h = b1 - srr
+            # aw and gap before level k: shift the inclusive sums by one level
+            aw0 = torch.zeros_like(w) if aw is None else aw
+            gap0 = torch.zeros_like(gaps[..., 0]) if gap is None else gap
+            awp = torch.cat([aw0[..., None], caw[..., :-1]], -1)
+            g = torch.cat([gap0[..., None], gaps[..., :-1]], -1).to(dt)[:, :, None]
+            tc = self._half_sig[..., None] * (awp * cd["hs"] - g * sib_w)  # Chen's relation
+
+            def fill_a(v):
+                v = v.unflatten(-1, (L, 2))
+                masked(sib_h, v[..., 0])
+                masked(tc, v[..., 1])
+            ah = scan(ah, 2 * L, fill_a)[..., -1].to(dt)
+            hh = hh1[..., -1]
+        return ws1[..., -1], hh, caw[..., -1], ah, gaps[..., -1]
 
     def _out(self, x: torch.Tensor) -> torch.Tensor:
         return x if self._batched else x[0]
