@@ -7,6 +7,7 @@ others), in this order:
   stiff           stiff work–precision and batch throughput (issue 4; block `stiff`)
   nonstiff        non-stiff work–precision + medium-network overhead (issue 7; block `nonstiff`)
   sde             SDE strong error vs wall time against torchsde (issue 5; block `sde`)
+  training        training time to a fixed loss, vanilla vs error-regularized (issue 7; block `training`)
   julia_overhead  cost of the Julia bridge (issue 6; prints only, Julia parts skip without juliacall)
 Each regenerates its own section of benchmarks/RESULTS.md and its PNG under benchmarks/plots/.
 --quick is a smoke run on tiny sizes (a module without a --quick option gets --repeats 1 instead).
@@ -21,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-MODULES = ["overhead", "stiff", "nonstiff", "sde", "julia_overhead"]
+MODULES = ["overhead", "stiff", "nonstiff", "sde", "training", "julia_overhead"]
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -12,7 +12,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NB_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NB_DIR.glob("*.ipynb"))
-EXPECTED = {"01_quickstart", "02_regularized_training", "03_stiff_kinetics", "05_baselines", "06_julia_engine"}
+EXPECTED = {"01_quickstart", "02_regularized_training", "03_stiff_kinetics", "04_neural_sde", "05_baselines",
+            "06_julia_engine"}
 KERNEL = "pybridge-test"
 
 nbformat = pytest.importorskip("nbformat", reason="pip install -e '.[dev]' (nbformat, nbclient, ipykernel)")
