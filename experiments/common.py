@@ -49,3 +49,13 @@ def plot(results, curves, path, metric, metric_label, curve_label, ylim_top=None
     axes[2].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def add_regularizers(loss, cfg, sol, step, steps):
+    """The configuration's regularizers (REGULARIZATION.md) added to the task loss at this step."""
+    import pybridge as pb
+    if cfg.get("lambda_error"):
+        loss = loss + schedule(cfg["lambda_error"], step, steps) * pb.error_regularizer(sol, reduction="mean")
+    if cfg.get("local"):
+        loss = loss + schedule(cfg["lambda_local"], step, steps) * sol.local_regularizer
+    return loss

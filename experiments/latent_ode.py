@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 import pybridge as pb
-from experiments.common import mean_sd, paper_lines, plot, schedule
+from experiments.common import add_regularizers, mean_sd, paper_lines, plot
 
 PAPER = [  # REGULARIZATION.md (PhysioNet, means)
     ("2021", "vanilla", "3.55e-3", 733, "1.75 h", "0.53 s"),
@@ -135,10 +135,7 @@ def train(cfg, data, seed, args, bar=None):
             nll = (0.5 * ((pred - torch.nan_to_num(xb)) / OBS_STD) ** 2 * mb).sum() / mb.sum()
             kl = (0.5 * (mu ** 2 + sig ** 2 - 1) - sig.log()).sum(-1).mean() / mb[0].numel()
             loss = nll + min(1.0, step / (0.5 * steps)) * kl  # KL annealing over the first half
-            if cfg.get("lambda_error"):
-                loss = loss + schedule(cfg["lambda_error"], step, steps) * pb.error_regularizer(sol, reduction="mean")
-            if cfg.get("local"):
-                loss = loss + schedule(cfg["lambda_local"], step, steps) * sol.local_regularizer
+            loss = add_regularizers(loss, cfg, sol, step, steps)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)

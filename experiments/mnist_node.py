@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 import pybridge as pb
-from experiments.common import mean_sd, paper_lines, plot, schedule
+from experiments.common import add_regularizers, mean_sd, paper_lines, plot
 
 PAPER = [  # REGULARIZATION.md (means)
     ("2021", "vanilla", "97.94 %", 253, "0.98 h", "0.094 s"),
@@ -129,10 +129,7 @@ def train(cfg, data, seed, args, bar=None):
                               seed=seed * 1_000_003 + step)
             logits = model.head(sol.ys[-1])
             loss = torch.nn.functional.cross_entropy(logits, ytr[idx])
-            if cfg.get("lambda_error"):
-                loss = loss + schedule(cfg["lambda_error"], step, steps) * pb.error_regularizer(sol, reduction="mean")
-            if cfg.get("local"):
-                loss = loss + schedule(cfg["lambda_local"], step, steps) * sol.local_regularizer
+            loss = add_regularizers(loss, cfg, sol, step, steps)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -36,7 +36,7 @@ import time
 import torch
 
 import pybridge as pb
-from experiments.common import mean_sd, paper_lines, plot, schedule
+from experiments.common import add_regularizers, mean_sd, paper_lines, plot
 from experiments.mnist_node import load_mnist
 
 PAPER = [  # REGULARIZATION.md (means); the 2021 SDE NFE ratio is the 0.729–0.733× range
@@ -109,10 +109,7 @@ def train(cfg, data, seed, args, bar=None):
             start = time.process_time()
             sol = model.solve(xtr[idx], args.tol, seed=seed * 1_000_003 + step, local_regularizer=cfg.get("local"))
             loss = torch.nn.functional.cross_entropy(model.head(sol.ys[-1]), ytr[idx])
-            if cfg.get("lambda_error"):
-                loss = loss + schedule(cfg["lambda_error"], step, steps) * pb.error_regularizer(sol, reduction="mean")
-            if cfg.get("local"):
-                loss = loss + schedule(cfg["lambda_local"], step, steps) * sol.local_regularizer
+            loss = add_regularizers(loss, cfg, sol, step, steps)
             opt.zero_grad()
             loss.backward()
             opt.step()
