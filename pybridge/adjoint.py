@@ -59,8 +59,8 @@ class _ContinuousAdjoint(Adjoint):
         if self.carries_theta and params and getattr(solver, "family", "explicit_rk") != "explicit_rk":
             # Implicit methods take the augmented system's Jacobian with torch.func, which cannot go
             # through the autograd.grad that gives a_θ' (and [y, a_y, a_θ] would need an (N×N) LU).
-            raise NotImplementedError(
-                f"{type(self).__name__} with {solver!r} and parameters is not supported: use "
+            raise ValueError(
+                f"adjoint={type(self).__name__}() with solver={solver!r} and parameters is not supported: use "
                 "QuadratureAdjoint() (state a_y only; its Jacobian is -∂f/∂yᵀ) or DiscreteAdjoint()")
         if torch.is_grad_enabled():
             _check_closure(prob, params, options["lockstep"])

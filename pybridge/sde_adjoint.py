@@ -28,8 +28,8 @@ def solve_sde_dispatch(prob, solver, adjoint, adjoint_params, options, *, differ
     if isinstance(adjoint, DiscreteAdjoint):
         return solve_sde(prob, solver, **kw)
     if not isinstance(adjoint, ReversibleAdjoint):
-        raise NotImplementedError(f"{adjoint!r} is not available for SDEs: use DiscreteAdjoint() (backprop), or "
-                                  "ReversibleAdjoint() with ReversibleHeun()")
+        raise ValueError(f"adjoint={adjoint!r} is not available for SDEs: use DiscreteAdjoint() (backprop), "
+                         "or ReversibleAdjoint() with ReversibleHeun()")
     if solver.name != "ReversibleHeun":
         raise ValueError(f"ReversibleAdjoint() needs solver=pb.ReversibleHeun(); got {solver!r}")
     if local_regularizer is not None:

@@ -322,7 +322,7 @@ def test_bad_inputs():
         pb.solve(pb.SDEProblem(f, g, y0, t), pb.SOSRI(), brownian=pb.VirtualBrownianTree(0.0, 1.0, (3, 2)))
     with pytest.raises(ValueError, match="needs solver=pb.ReversibleHeun"):
         pb.solve(pb.SDEProblem(f, g, y0, t), pb.EM(), dt=0.1, adjoint=pb.ReversibleAdjoint())
-    with pytest.raises(NotImplementedError, match="not available for SDEs"):
+    with pytest.raises(ValueError, match="not available for SDEs"):
         pb.solve(pb.SDEProblem(f, g, y0, t), pb.SOSRI(), adjoint=pb.BacksolveAdjoint())
 
 
