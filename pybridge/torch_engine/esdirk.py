@@ -32,10 +32,10 @@ import math
 from typing import NamedTuple, Optional
 
 import torch
-from torch.func import jvp, vmap
 
 from .esdirk_tableaus import ESDIRKTableau
 from .explicit_rk import hermite
+from .jacobian import ForwardJacobian
 
 
 class ESDIRKStep(NamedTuple):
@@ -48,25 +48,6 @@ class ESDIRKStep(NamedTuple):
     f_end: torch.Tensor               # f(t1, y1) ≈ z_s / h (the last stage sits at y1)
     jac_norm: torch.Tensor            # (B,) ‖J‖∞, the stiffness estimate
     failed: torch.Tensor              # (B,) bool: singular W or Newton did not converge
-
-
-def state_jacobian(rhs, t, y, vmap_state: dict):
-    """∂f/∂y (B, n, n) at (t, y): the user's jac when given, else forward mode (n tangents)."""
-    user_jac = getattr(rhs, "jacobian", None)
-    J = user_jac(t, y) if user_jac is not None else None
-    if J is not None:
-        return J
-    B, n = y.shape
-    eye = torch.eye(n, dtype=y.dtype, device=y.device)
-    tangents = eye[:, None, :].expand(n, B, n)
-    f_y = lambda v: jvp(lambda u: rhs(t, u), (y,), (v,))[1]
-    if vmap_state.get("ok", True):
-        try:
-            return vmap(f_y)(tangents).permute(1, 2, 0)
-        except (RuntimeError, NotImplementedError):
-            # f with data-dependent Python control flow cannot be vmapped: one jvp per direction.
-            vmap_state["ok"] = False
-    return torch.stack([f_y(tangents[i]) for i in range(n)], -1)
 
 
 class ESDIRK:
@@ -97,7 +78,7 @@ class ESDIRK:
         self.fail_eest = 1.8 ** (1 / beta1)
         # Tolerances of the Newton norm; solve_ode binds the solve's own (with_tolerances).
         self.atol, self.rtol, self.lockstep = 1e-6, 1e-3, False
-        self._vmap_state = {"ok": True}
+        self.jacobian = ForwardJacobian()
 
     def with_tolerances(self, atol, rtol, lockstep: bool) -> "ESDIRK":
         """A shallow copy (sharing the coefficient tensors) whose Newton norm uses atol/rtol."""
@@ -156,7 +137,7 @@ class ESDIRK:
         Y = tmp + self.gamma * zstar
         G = zstar - h[:, None] * rhs(ti, Y)
         with torch.no_grad():
-            Jstar = state_jacobian(rhs, ti.detach(), Y.detach(), self._vmap_state)
+            Jstar = self.jacobian(rhs, ti.detach(), Y.detach())[0]
             eye = torch.eye(n, dtype=zstar.dtype, device=zstar.device)
             M = eye - (self.gamma * h.detach())[:, None, None] * Jstar
             LU, piv, info = torch.linalg.lu_factor_ex(M)
@@ -171,7 +152,7 @@ class ESDIRK:
         B, n = y.shape
         s = len(self.c)
         device = y.device
-        J = state_jacobian(rhs, t, y, self._vmap_state)
+        J = self.jacobian(rhs, t, y)[0]
         eye = torch.eye(n, dtype=y.dtype, device=device)
         W = eye - (self.gamma * h)[:, None, None] * J
         LU, piv, info = torch.linalg.lu_factor_ex(W)

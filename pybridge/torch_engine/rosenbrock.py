@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
-from torch.func import jvp, vmap
 
+from .jacobian import ForwardJacobian
 from .rosenbrock_tableaus import RosenbrockTableau
 
 
@@ -48,35 +48,12 @@ class Rosenbrock:
         self.uses_A = [any(x != 0 for x in tableau.A[i][:i]) for i in range(s)]
         self.weights = as_tensor([list(tableau.b), list(tableau.btilde)]).T  # (s, 2)
         self.dense = as_tensor([list(r) for r in tableau.dense])            # (D, s)
-        self._vmap_ok = True
-
-    # -- derivatives -------------------------------------------------------------------------
-    def derivatives(self, rhs, t, y):
-        """J (B, n, n) and ∂f/∂t (B, n) at (t, y); forward mode, or the user's jac for J."""
-        B, n = y.shape
-        user_jac = getattr(rhs, "jacobian", None)
-        J = user_jac(t, y) if user_jac is not None else None
-        if J is not None:
-            _, dT = jvp(rhs, (t, y), (torch.ones_like(t), torch.zeros_like(y)))
-            return J, dT
-        # n + 1 tangents: the basis vectors of y (zero time tangent), then the time direction.
-        eye = torch.eye(n, dtype=y.dtype, device=y.device)
-        vy = torch.cat([eye[:, None, :].expand(n, B, n), y.new_zeros(1, B, n)])
-        vt = torch.cat([t.new_zeros(n, B), t.new_ones(1, B)])
-        if self._vmap_ok:
-            try:
-                cols = vmap(lambda a, b: jvp(rhs, (t, y), (a, b))[1])(vt, vy)
-            except (RuntimeError, NotImplementedError):
-                # f with data-dependent Python control flow cannot be vmapped: one jvp per direction.
-                self._vmap_ok = False
-        if not self._vmap_ok:
-            cols = torch.stack([jvp(rhs, (t, y), (vt[i], vy[i]))[1] for i in range(n + 1)])
-        return cols[:n].permute(1, 2, 0), cols[n]
+        self.jacobian = ForwardJacobian()
 
     # -- the step ------------------------------------------------------------------------------
     def step(self, rhs, t, y, h, k1) -> RosenbrockStep:
         B, n = y.shape
-        J, dT = self.derivatives(rhs, t, y)
+        J, dT = self.jacobian(rhs, t, y, with_time=True)
         hcol = h[:, None]
         eye = torch.eye(n, dtype=y.dtype, device=y.device)
         M = eye - (self.gamma * h)[:, None, None] * J
