@@ -10,16 +10,12 @@ import torch
 from scipy.integrate import solve_ivp
 
 import pybridge as pb
+from tests.stiff_problems import vdpol
 from pybridge.torch_engine.controller import Norm, PIController
 from pybridge.torch_engine.engine import build_method
 
 F64 = torch.float64
 TSIT5_STABILITY = 3.5068
-
-
-def vdpol(t, y, eps=1e-6):
-    y1, y2 = y.unbind(-1)
-    return torch.stack([y2, ((1 - y1 ** 2) * y2 - y1) / eps], -1)
 
 
 def lotka_volterra(t, y):

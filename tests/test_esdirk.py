@@ -14,18 +14,12 @@ import pytest
 import torch
 
 import pybridge as pb
+from tests.stiff_problems import mescd, rober, vdpol
 from pybridge.torch_engine.esdirk_tableaus import ESDIRK_TABLEAUS
 
 F64 = torch.float64
 ESDIRKS = [pb.Kvaerno5, pb.KenCarp4, pb.TRBDF2]
 ORDER = {"Kvaerno5": 5, "KenCarp4": 4, "TRBDF2": 2}
-
-
-def rober(t, y):
-    y1, y2, y3 = y.unbind(-1)
-    return torch.stack([-0.04 * y1 + 1e4 * y2 * y3,
-                        0.04 * y1 - 1e4 * y2 * y3 - 3e7 * y2 ** 2,
-                        3e7 * y2 ** 2], -1)
 
 
 def rober_jac(t, y):
@@ -36,22 +30,10 @@ def rober_jac(t, y):
                         torch.stack([z, 6e7 * y2, z], -1)], -2)
 
 
-def vdpol(t, y, eps=1e-6):
-    y1, y2 = y.unbind(-1)
-    return torch.stack([y2, ((1 - y1 ** 2) * y2 - y1) / eps], -1)
-
-
 def vdpol_jac(t, y, eps=1e-6):
     y1, y2 = y.unbind(-1)
     return torch.stack([torch.stack([torch.zeros_like(y1), torch.ones_like(y1)], -1),
                         torch.stack([(-2 * y1 * y2 - 1) / eps, (1 - y1 ** 2) / eps], -1)], -2)
-
-
-def mescd(y, ref, rtol, atol):
-    """Bari test set accuracy: -log10 max_i |y_i - ref_i| / (atol/rtol + |ref_i|)."""
-    y = np.asarray(y, dtype=float)
-    ref = np.asarray(ref, dtype=float)
-    return -math.log10(np.max(np.abs(y - ref) / (atol / rtol + np.abs(ref))))
 
 
 # ----------------------------------------------------------------------------------------------
