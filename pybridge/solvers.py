@@ -68,7 +68,7 @@ EXPLICIT = (Euler, Midpoint, Heun, RK4, BS3, DP5, Tsit5, Vern7)
 class Rosenbrock(Solver):
     """A Rosenbrock–Wanner method (linearly implicit, for stiff problems): one Jacobian and one
     LU factorization of I − γhJ per step and sample, no Newton iteration. The Jacobian comes from
-    forward-mode AD of f, or from the problem's `jac` when given."""
+    automatic differentiation of f (jacobian.py), or from the problem's `jac` when given."""
 
     family = "rosenbrock"
 
@@ -92,7 +92,7 @@ ROSENBROCK = (Rosenbrock23, Rodas4, Rodas5P)
 
 class ESDIRK(Solver):
     """An ESDIRK method (explicit first stage, singly diagonally implicit Runge–Kutta) for stiff
-    problems: per step and sample one Jacobian (forward-mode AD, or the problem's `jac`) and one
+    problems: per step and sample one Jacobian (automatic differentiation, or the problem's `jac`) and one
     LU of I − γhJ, then a simplified Newton iteration per implicit stage (κ = 1/100, at most 10
     iterations, divergence when the rate exceeds 2). A step whose Newton iteration fails (or
     whose matrix is singular) is rejected and retried with dt halved; below dtmin the sample ends

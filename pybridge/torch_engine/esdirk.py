@@ -1,6 +1,6 @@
 """One generic routine for every ESDIRK tableau (batched, per-sample Newton and linear algebra).
 
-Per step and sample: J = ∂f/∂y at (t0, y0) by forward-mode AD (or the user's ``jac``), one LU of
+Per step and sample: J = ∂f/∂y at (t0, y0) by AD (jacobian.py; or the user's ``jac``), one LU of
 ``W = I − γhJ`` (``torch.linalg.lu_factor_ex``), then for each implicit stage a simplified Newton
 iteration on ``G(z) = z − h f(t + c_i h, tmp_i + γ z) = 0`` with that W (Hairer & Wanner, Solving
 ODEs II, §IV.8): stop when ``η·‖Δz‖ ≤ κ`` (κ = 1/100, ‖·‖ the RMS scaled by atol + rtol·|y|, so the
@@ -35,7 +35,7 @@ import torch
 
 from .esdirk_tableaus import ESDIRKTableau
 from .explicit_rk import hermite
-from .jacobian import ForwardJacobian
+from .jacobian import AutodiffJacobian
 
 
 class ESDIRKStep(NamedTuple):
@@ -78,7 +78,7 @@ class ESDIRK:
         self.fail_eest = 1.8 ** (1 / beta1)
         # Tolerances of the Newton norm; solve_ode binds the solve's own (with_tolerances).
         self.atol, self.rtol, self.lockstep = 1e-6, 1e-3, False
-        self.jacobian = ForwardJacobian()
+        self.jacobian = AutodiffJacobian()
 
     def with_tolerances(self, atol, rtol, lockstep: bool) -> "ESDIRK":
         """A shallow copy (sharing the coefficient tensors) whose Newton norm uses atol/rtol."""

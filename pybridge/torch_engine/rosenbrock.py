@@ -1,6 +1,6 @@
 """One generic routine for every Rosenbrock tableau (batched, per-sample linear algebra).
 
-Per step and sample: the Jacobian J = ∂f/∂y and T = ∂f/∂t at (t0, y0) by forward-mode AD (or the
+Per step and sample: the Jacobian J = ∂f/∂y and T = ∂f/∂t at (t0, y0) by AD (jacobian.py; or the
 user's ``jac``), one LU of ``M = I − γhJ`` (``torch.linalg.lu_factor_ex``), then one triangular
 solve per stage. No iteration and no host synchronisation: a singular M (``info != 0``) turns that
 sample's proposal into NaN, which the loop treats as a rejection (dt shrinks, so M → I).
@@ -11,7 +11,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .jacobian import ForwardJacobian
+from .jacobian import AutodiffJacobian
 from .rosenbrock_tableaus import RosenbrockTableau
 
 
@@ -48,7 +48,7 @@ class Rosenbrock:
         self.uses_A = [any(x != 0 for x in tableau.A[i][:i]) for i in range(s)]
         self.weights = as_tensor([list(tableau.b), list(tableau.btilde)]).T  # (s, 2)
         self.dense = as_tensor([list(r) for r in tableau.dense])            # (D, s)
-        self.jacobian = ForwardJacobian()
+        self.jacobian = AutodiffJacobian()
 
     # -- the step ------------------------------------------------------------------------------
     def step(self, rhs, t, y, h, k1) -> RosenbrockStep:
