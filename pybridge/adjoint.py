@@ -56,12 +56,13 @@ class _ContinuousAdjoint(Adjoint):
 
     def solve(self, prob, solver, adjoint_params, options):
         params = _resolve_params(prob, adjoint_params)
-        if self.carries_theta and params and getattr(solver, "family", "explicit_rk") != "explicit_rk":
-            # Implicit methods take the augmented system's Jacobian with torch.func, which cannot go
-            # through the autograd.grad that gives a_θ' (and [y, a_y, a_θ] would need an (N×N) LU).
+        if self.carries_y and params and _implicit(solver):
+            # The state [y, a_y] of the whole batch would need a (2Bn × 2Bn) Jacobian and LU per step
+            # (and second derivatives of f); backsolve is also the least reliable adjoint on stiff problems.
             raise ValueError(
                 f"adjoint={type(self).__name__}() with solver={solver!r} and parameters is not supported: use "
-                "QuadratureAdjoint() (state a_y only; its Jacobian is -∂f/∂yᵀ) or DiscreteAdjoint()")
+                "InterpolatingAdjoint() or QuadratureAdjoint() (state a_y only; its Jacobian is -∂f/∂yᵀ) "
+                "or DiscreteAdjoint()")
         if torch.is_grad_enabled():
             _check_closure(prob, params, options["lockstep"])
         holder = {}
@@ -112,6 +113,10 @@ def _check_checkpoints(checkpoints):
         raise ValueError(f"checkpoints must be None (forward dense output) or True (re-solve each "
                          f"save interval); got {checkpoints!r}")
     return checkpoints or None
+
+
+def _implicit(solver):
+    return getattr(solver, "family", "explicit_rk") != "explicit_rk"
 
 
 def _resolve_params(prob, adjoint_params):
@@ -203,8 +208,11 @@ class _Backward:
         self.ys = ys.reshape(ys.shape[0], B, self.n)
         self.t = prob.t.expand(B, -1) if prob.t.dim() == 1 else prob.t
         self.per_sample_time = prob.batched and not self.opts["lockstep"]
-        # Quadrature in independent batching keeps samples apart; the others solve the batch as one.
-        self.whole = self.adj.carries_theta or not self.per_sample_time
+        # a_θ in the state would give an implicit solver a (Bn+P)² Jacobian to factorize: with one,
+        # InterpolatingAdjoint integrates a_θ by quadrature as QuadratureAdjoint does.
+        self.theta_in_state = self.adj.carries_theta and not (_implicit(self.solver) and params)
+        # a_θ by quadrature in independent batching keeps samples apart; else the batch is one sample.
+        self.whole = self.theta_in_state or not self.per_sample_time
         self.P = sum(p.numel() for p in params)
         self.stats.update(nfe=0, steps=0, intervals=0)
 
@@ -252,7 +260,9 @@ class _Backward:
             sol = self._solve(ODEProblem(self.f, y0, t, batched=self.prob.batched),
                               dict(self.opts, dense=True), what=f"checkpoint re-solve of interval {j}")
             interp = sol._interpolant
-        return lambda tq: interp(tq).reshape(tq.shape[1], self.B, self.n)
+        # Some implicit methods evaluate stages past the step's end (Kvaerno5: c₃ ≈ 1.23), so a
+        # backward step ending at t_j may ask for y slightly outside the interval: extrapolate.
+        return lambda tq: interp(tq, extrapolate=True).reshape(tq.shape[1], self.B, self.n)
 
     def _solve(self, aug_prob, opts, what):
         from .torch_engine.engine import solve_ode
@@ -271,7 +281,7 @@ class _Backward:
         o = self.opts
         if not self.whole:
             return o["atol"], o["rtol"]
-        P = self.P if self.adj.carries_theta else 0
+        P = self.P if self.theta_in_state else 0
         args = (self.shape, k, P, self.adj.seminorm, self.dtype, self.ys.device)
         return augmented_tolerance(o["atol"], math.inf, *args), augmented_tolerance(o["rtol"], 0.0, *args)
 
@@ -283,7 +293,7 @@ class _Backward:
         o["dtmin"] = o["dtmin"] / scale
         o["dtmax"] = None if o["dtmax"] is None else o["dtmax"] / scale
         o["lockstep"] = False
-        o["dense"] = not self.adj.carries_theta
+        o["dense"] = not self.theta_in_state
         return o
 
     def interval(self, j, a, a_th):
@@ -301,16 +311,16 @@ class _Backward:
             t_B = time(s)
             y = zz[:Bn].view(B, n) if adj.carries_y else y_at(t_B[:, None])[0]
             av = zz[(k - 1) * Bn:k * Bn].view(B, n)
-            fy, g_y, g_th = self._vjp(t_B, y, av * dlt[:, None], want_y=True, theta=adj.carries_theta)
+            fy, g_y, g_th = self._vjp(t_B, y, av * dlt[:, None], want_y=True, theta=self.theta_in_state)
             self._nfe += 1
             parts = ([fy * dlt[:, None]] if adj.carries_y else []) + [-g_y]
             if not self.whole:
                 return parts[0]
-            return torch.cat([p.reshape(-1) for p in parts] + ([-g_th] if adj.carries_theta else []))
+            return torch.cat([p.reshape(-1) for p in parts] + ([-g_th] if self.theta_in_state else []))
 
         blocks = ([self.ys[j + 1]] if adj.carries_y else []) + [a]
         if self.whole:
-            z0 = torch.cat([b.reshape(-1) for b in blocks] + ([a_th] if adj.carries_theta else []))
+            z0 = torch.cat([b.reshape(-1) for b in blocks] + ([a_th] if self.theta_in_state else []))
         else:
             z0 = a
         s_span = torch.tensor([1.0, 0.0], dtype=self.dtype, device=a.device)
@@ -325,10 +335,10 @@ class _Backward:
         zT = sol.ys[-1]
         if self.whole:
             a = zT[(k - 1) * Bn:k * Bn].view(B, n)
-            a_th = zT[k * Bn:] if adj.carries_theta else a_th
+            a_th = zT[k * Bn:] if self.theta_in_state else a_th
         else:
             a = zT
-        if not adj.carries_theta and self.P:
+        if not self.theta_in_state and self.P:
             a_th = a_th + self._quadrature(sol, time, dlt, y_at)
         return a, a_th
 

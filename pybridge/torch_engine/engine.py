@@ -179,7 +179,9 @@ class DenseOutput:
         starts = data["tau"]
         self.starts = torch.where(mask, starts, torch.full_like(starts, float("inf")))
 
-    def __call__(self, t):
+    def __call__(self, t, extrapolate: bool = False):
+        """extrapolate: extend the first and last steps' polynomials beyond the solved span (for
+        internal callers whose stage times overshoot a step, e.g. Kvaerno5's c₃ ≈ 1.23)."""
         prob = self.prob
         t = torch.as_tensor(t, dtype=prob.y0.dtype, device=prob.y0.device)
         B = self.mask.shape[0]
@@ -188,7 +190,7 @@ class DenseOutput:
             raise ValueError(f"sol(t): t must have shape (Tq,) or ({B}, Tq); got {tuple(t.shape)}")
         tau = tq * self.direction[:, None]
         tau0 = self.data["tau"][:, :1]
-        if (tau < tau0 - 1e-12 * tau0.abs().clamp(min=1)).any():
+        if not extrapolate and (tau < tau0 - 1e-12 * tau0.abs().clamp(min=1)).any():
             raise ValueError("sol(t): t lies before the initial time")
         nsteps = self.mask.sum(1, keepdim=True).clamp(min=1)
         idx = (torch.searchsorted(self.starts.contiguous(), tau.contiguous(), right=True) - 1)
@@ -201,8 +203,9 @@ class DenseOutput:
         vals = self.method.interpolate(flat(pick(self.data["y0"])), flat(h), flat(pick(self.data["ks"])),
                                        flat(pick(self.data["y1"])), flat(pick(self.data["f1"])), theta)
         vals = vals.reshape(B, Tq, -1)
-        reached = self.tau_reached[:, None]
-        beyond = tau > reached + 1e-12 * reached.abs().clamp(min=1)
-        vals = torch.where(beyond[..., None], torch.full_like(vals, float("nan")), vals)
+        if not extrapolate:
+            reached = self.tau_reached[:, None]
+            beyond = tau > reached + 1e-12 * reached.abs().clamp(min=1)
+            vals = torch.where(beyond[..., None], torch.full_like(vals, float("nan")), vals)
         vals = vals.transpose(0, 1)
         return vals.reshape((Tq,) + tuple(prob.y0.shape))
