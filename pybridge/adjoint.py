@@ -90,7 +90,9 @@ class BacksolveAdjoint(_ContinuousAdjoint):
 class InterpolatingAdjoint(_ContinuousAdjoint):
     """y(t) in the backward pass from the forward solve's dense output (memory grows with the number
     of steps), or with checkpoints=True from a forward re-solve of each save interval started at
-    the saved value (memory of one interval). State [a_y, a_θ]; seminorm as BacksolveAdjoint."""
+    the saved value (memory of one interval). State [a_y, a_θ]; seminorm as BacksolveAdjoint.
+    With an implicit solver and parameters the state is a_y alone and a_θ comes by quadrature,
+    as in QuadratureAdjoint (a_θ in the state would make the Jacobian to factorize (Bn+P)²)."""
 
     def __init__(self, checkpoints=None, seminorm: bool = True):
         self.checkpoints = _check_checkpoints(checkpoints)
