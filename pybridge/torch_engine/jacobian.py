@@ -46,6 +46,9 @@ class AutodiffJacobian:
             out = rhs(t_in, y_in)
             if not out.requires_grad:  # f depends on neither y nor t (nor anything differentiable)
                 return y.new_zeros(B, n, n), False
+            # A graph for J only when something upstream can receive gradients (y's history or a
+            # parameter of f): otherwise a no-grad user would get a solution that requires grad.
+            graph = graph and (y_in is y or _reaches_other_leaf(out, (y_in, t_in)))
             basis = torch.eye(n, dtype=y.dtype, device=y.device)[:, None, :].expand(n, B, n)
             if self.batched_ok:
                 try:
@@ -67,6 +70,22 @@ class AutodiffJacobian:
         """∂f/∂t per sample by one forward-mode product along the time direction (the time may be
         passed to f as one shared scalar, which a reverse pass could not split by sample)."""
         return jvp(lambda tt: rhs(tt, y), (t,), (torch.ones_like(t),))[1]
+
+
+def _reaches_other_leaf(out, own_leaves):
+    """Whether out's graph reaches a tensor requiring grad other than own_leaves (stops at the first)."""
+    own = {id(x) for x in own_leaves}
+    todo, seen = [out.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)  # AccumulateGrad: a leaf
+        if var is not None and id(var) not in own:
+            return True
+        todo.extend(nxt for nxt, _ in fn.next_functions)
+    return False
 
 
 def _rows_to_jacobian(rows, y):
