@@ -43,7 +43,8 @@ def plot(results, curves, path, metric, metric_label, curve_label, ylim_top=None
         if key == metric and ylim_top is not None:
             ax.set_ylim(min(means) - 3, ylim_top)
     for i, n in enumerate(names):
-        axes[2].plot(np.array(curves[n], dtype=float).mean(0), color=f"C{i}", label=n)
+        if n in curves:  # runs saved before curves were kept have none
+            axes[2].plot(np.array(curves[n], dtype=float).mean(0), color=f"C{i}", label=n)
     axes[2].set_xlabel("training step")
     axes[2].set_ylabel(curve_label)
     axes[2].legend(fontsize=8)
@@ -56,6 +57,10 @@ def add_regularizers(loss, cfg, sol, step, steps):
     import pybridge as pb
     if cfg.get("lambda_error"):
         loss = loss + schedule(cfg["lambda_error"], step, steps) * pb.error_regularizer(sol, reduction="mean")
+    if cfg.get("lambda_stiff"):
+        # the released 2021 MNIST code's variant: max over steps of S_j / stability size, no dt
+        loss = loss + schedule(cfg["lambda_stiff"], step, steps) * pb.stiffness_regularizer(
+            sol, reduction="max", with_dt=False, ratio=True)
     if cfg.get("local"):
         loss = loss + schedule(cfg["lambda_local"], step, steps) * sol.local_regularizer
     return loss

@@ -41,6 +41,7 @@ PAPER = [  # REGULARIZATION.md (means)
     ("2021", "vanilla", "97.94 %", 253, "0.98 h", "0.094 s"),
     ("2021", "STEER", "97.94 %", 265, "1.31 h", "0.092 s"),
     ("2021", "error-reg", "97.32 %", 177, "0.82 h", "0.060 s"),
+    ("2021", "stiffness-reg", "98.08 %", 259, "1.24 h", "0.094 s"),
     ("2023", "vanilla", "97.61 %", 304, "0.54 h", "0.088 s"),
     ("2023", "local unbiased", "97.53 %", 188, "0.49 h", "0.046 s"),
     ("2023", "local biased", "97.49 %", 183, "1.12 h", "0.044 s"),
@@ -49,6 +50,7 @@ PAPER = [  # REGULARIZATION.md (means)
 CONFIGS = {
     "vanilla": {},
     "error-reg (global)": {"lambda_error": (100.0, 10.0)},
+    "stiffness-reg (global)": {"lambda_stiff": 0.1},
     "STEER (b=0.5)": {"steer": 0.5},
     "local unbiased": {"local": "unbiased", "lambda_local": (2.5, 1.0)},
     "local biased": {"local": "biased", "lambda_local": (2.5, 1.0)},
@@ -169,6 +171,8 @@ def main(argv=None):
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 1 epoch on 1024 digits, results not saved")
     ap.add_argument("--out", default="experiments/results")
+    ap.add_argument("--add", action="store_true",
+                    help="train only --configs and merge them into the saved results (same settings)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     from tqdm import tqdm
@@ -192,6 +196,8 @@ def main(argv=None):
                 curves[name].append(train_nfe)
                 tqdm.write(f"seed {seed} {name:20s} acc {acc:6.2f} %  NFE {nfe:4d}  train {train_s:6.1f} s  predict {pred_s * 1e3:6.1f} ms")
     total = time.perf_counter() - wall0
+    if args.add:
+        results, curves, total = _merge_saved(pathlib.Path(args.out) / "mnist_node.json", results, curves, args, total)
     text = report(results, args, total, len(data[0][1]), len(data[1][1]))
     print(text)
     if args.quick:
@@ -199,11 +205,27 @@ def main(argv=None):
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "mnist_node.txt").write_text(text)
-    (out / "mnist_node.json").write_text(json.dumps(dict(results=results, args=vars(args)), indent=1))
+    (out / "mnist_node.json").write_text(json.dumps(dict(results=results, curves=curves, args=vars(args),
+                                                          wall_s=total), indent=1))
     plot(results, curves, out / "mnist_node.png", "acc", "test accuracy (%)",
          "NFE of the training solve (mean over seeds)", ylim_top=100)
     print(f"saved {out / 'mnist_node.txt'}, {out / 'mnist_node.json'} and {out / 'mnist_node.png'}")
     return results
+
+
+def _merge_saved(path, results, curves, args, total):
+    """Saved results (other configurations) plus the ones just trained, in CONFIGS order; the wall
+    time becomes the sum of both runs. Refuses to merge runs made with other settings."""
+    saved = json.loads(path.read_text())
+    keys = ("seeds", "epochs", "batch", "latent", "hidden", "pool", "lr", "rtol", "atol")
+    if any(saved["args"][k] != getattr(args, k) for k in keys):
+        raise SystemExit(f"--add: {path} was made with other settings: {saved['args']}")
+    merged = {**saved["results"], **results}
+    merged_curves = {**saved.get("curves", {}), **curves}
+    order = [n for n in CONFIGS if n in merged]
+    args.configs = order
+    prev_wall = saved.get("wall_s", 0.0)
+    return {n: merged[n] for n in order}, merged_curves, prev_wall + total
 
 
 def report(results, args, total, n_train, n_test):
