@@ -103,12 +103,15 @@ def from_standard(name, gamma, alpha, Gamma, b, btilde, c, d, dense_k, order, de
 # rosenbrock_tableaus.jl: c₃₂ = 6 + √2, d = 1/(2 + √2); perform_step in rosenbrock_perform_step.jl).
 # OrdinaryDiffEq writes it with derivatives k_i and W̃ = I − dhJ:
 #   W̃k1 = f0 + dh·T;  f1 = f(t + h/2, y0 + h/2·k1);  W̃k2 = f1 − k1 + W̃k1 (k2 = W̃⁻¹(f1−k1) + k1);
-#   y1 = y0 + h·k2;  f2 = f(t + h, y1);  W̃k3 = f2 − c₃₂(k2 − f1) − 2(k1 − f0) + h·T;
+#   y1 = y0 + h·k2;  f2 = f(t + h, y1);  W̃k3 = f2 − c₃₂(k2 − f1) − 2(k1 − f0) + dh·T;
 #   err = h/6·(k1 − 2k2 + k3);  dense y0 + h(c1 k1 + c2 k2), c1 = θ(1−θ)/(1−2d), c2 = θ(θ−2d)/(1−2d).
 # Eliminating f0 and f1 with the first two stage equations gives the textbook form on K = h·k:
 #   Γ = [[d, 0, 0], [−d, d, 0], [d(c₃₂−2), −c₃₂d, d]], α rows (0,0,0), (½,0,0), (0,1,0),
-#   time-derivative coefficients (d, 0, 1−2d) — the third is not Σ_j Γ_3j: stage 3 only
-#   estimates the error, and this is exactly what OrdinaryDiffEq computes.
+#   time-derivative coefficients (d, 0, −d).
+# The k3 equation's last term is dh·T as in Shampine & Reichelt (SIAM J. Sci. Comput. 18, 1997,
+# the ode23s formula), not OrdinaryDiffEq's h·T: for y' = g(t) (J = 0) the estimate is then
+# h/6·(g0 − 2g½ + g1) = O(h³), whereas h·T leaves (1 − d)h²T/6 = O(h²) and on a non-autonomous
+# stiff problem (y' = −10⁵(y − cos t)) rejects steps ~10⁴× too small (tests/test_stiff.py).
 # ---------------------------------------------------------------------------------------------
 def _rosenbrock23():
     d = 1 / (2 + math.sqrt(2))
@@ -119,7 +122,7 @@ def _rosenbrock23():
         alpha=[[0, 0, 0], [0.5, 0, 0], [0, 1, 0]],
         Gamma=[[d, 0, 0], [-d, d, 0], [d * (c32 - 2), -c32 * d, d]],
         b=[0, 1, 0], btilde=[1 / 6, -2 / 6, 1 / 6],
-        c=[0.0, 0.5, 1.0], d=[d, 0.0, 1 - 2 * d],
+        c=[0.0, 0.5, 1.0], d=[d, 0.0, -d],
         dense_k=[[w, -2 * d * w, 0], [-w, w, 0]],   # θ¹ and θ² coefficients on K1, K2
         order=2, dense_order=2, fsal=True,
         source=f"{_ODE} lib/OrdinaryDiffEqRosenbrock/src/rosenbrock_tableaus.jl (Rosenbrock23Tableau), "
