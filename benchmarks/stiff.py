@@ -21,7 +21,7 @@ Single problem: the nominal parameters. Batch: B parameter sets, every rate cons
 vdpol_mu) multiplied by exp(0.1·N(0, 1)) (numpy default_rng(1234)).
 
 Contenders: pybridge Rosenbrock23 / Rodas4 / Rodas5P (and Kvaerno5 when `pb.Kvaerno5` exists),
-Jacobians by pybridge's forward-mode AD, batch = "independent" (every sample its own steps);
+Jacobians by pybridge's automatic differentiation (reverse mode, batched), batch = "independent" (every sample its own steps);
 SciPy solve_ivp Radau / BDF / LSODA with the analytic Jacobian, looped over the samples; diffrax
 Kvaerno5 (jax.jit; jax.vmap over the batch; tolerances are traced arguments so each problem
 compiles once; compile time excluded). One thread everywhere (torch.set_num_threads(1),
@@ -409,7 +409,7 @@ def render(results, args, total, checks):
          f"{args.ref_samples} samples and its throughput extrapolated per sample; pybridge and diffrax solve "
          f"all {args.batch}. Wall = median of up to {args.repeats} runs (one run when the first took > 2 s; "
          "the count is in brackets). NFE: right-hand-side evaluations per sample (mean), Jacobians in "
-         "brackets (pybridge: forward-mode AD, not counted in NFE; SciPy: analytic); diffrax reports steps "
+         "brackets (pybridge: reverse-mode AD, not counted in NFE; SciPy: analytic); diffrax reports steps "
          "only. Error: max_i |y_i(t1) − ref_i| / (|ref_i| + floor), see the module docstring.", ""]
     if args.load_note:
         L += [f"Note on load: {args.load_note}", ""]
