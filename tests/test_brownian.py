@@ -215,3 +215,55 @@ def test_cuda_matches_cpu():
         tol = 1e-10 if dtype == torch.float64 else 1e-4
         assert torch.allclose(wg.cpu(), w, atol=tol, rtol=0)
         assert torch.allclose(hg.cpu(), h, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("levy", [False, True])
+@pytest.mark.parametrize("B", [3, 64, 300])
+def test_intervals_equal_single_queries(levy, B):
+    """bm.intervals (one batched query, including the shared-point 'chain' path for consecutive
+    intervals and the dyadic depth cut) gives exactly the values of one query per interval."""
+    bm = VirtualBrownianTree(-1.0, 3.0, (B, 2), seed=9, levy_area=levy)
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.rand(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    per_sample = -1.0 + 4.0 * rand(41, B).sort(0).values
+    grids = [-1.0 + 4.0 * torch.arange(65, dtype=torch.float64) / 64,  # dyadic: depth cut to 6 levels
+             torch.linspace(-1.0, 3.0, 51, dtype=torch.float64), per_sample]
+    for grid in grids:
+        g2 = grid if grid.dim() == 2 else grid[:, None].expand(-1, B)
+        cases = [(g2[:-1], g2[1:]),                            # a chain
+                 (-1.0 + 4.0 * rand(17, B), -1.0 + 4.0 * rand(17, B))]  # arbitrary, some reversed
+        for s, t in cases:
+            W, H = bm.intervals(s, t, area=levy)
+            assert W.shape == (s.shape[0], B, 2) and (H is None) != levy
+            for k in range(s.shape[0]):
+                if levy:
+                    w, h = bm.increment_and_area(s[k], t[k])
+                    assert torch.equal(W[k], w) and torch.equal(H[k], h)
+                else:
+                    assert torch.equal(W[k], bm(s[k], t[k]))
+
+
+def test_intervals_shapes_and_errors():
+    bm = VirtualBrownianTree(0.0, 1.0, (2,), seed=1, levy_area=True)  # unbatched: (K, m)
+    s = torch.tensor([0.1, 0.2], dtype=torch.float64)
+    W, H = bm.intervals(s, s + 0.05, area=True)
+    assert W.shape == (2, 2) and torch.equal(W[1], bm(0.2, s[1] + 0.05))
+    with pytest.raises(ValueError, match="levy_area=True"):
+        VirtualBrownianTree(0.0, 1.0, (2, 2)).intervals(s, s, area=True)
+    with pytest.raises(ValueError, match="interval times"):
+        VirtualBrownianTree(0.0, 1.0, (2, 2)).intervals(torch.zeros(2, 3), torch.zeros(2, 3))
+
+
+def test_dyadic_depth_cut_changes_only_rounding():
+    """Queries whose points all lie on a coarse dyadic grid stop descending there (exact: below it the
+    points sit on node edges); the values agree with the full descent to rounding, and deep
+    non-dyadic queries are unaffected."""
+    bm = VirtualBrownianTree(0.0, 1.0, (64, 2), seed=5, levy_area=True)
+    full = VirtualBrownianTree(0.0, 1.0, (64, 2), seed=5, levy_area=True)
+    full._query_depth = lambda r: full.depth  # the uncut descent
+    for s, t in [(0.25, 0.5), (0.0, 2.0**-9), (3 * 2.0**-9, 4 * 2.0**-9), (0.0, 1.0)]:
+        (w, h), (w0, h0) = bm.increment_and_area(s, t), full.increment_and_area(s, t)
+        assert torch.allclose(w, w0, rtol=1e-12, atol=1e-14) and torch.allclose(h, h0, rtol=1e-10, atol=1e-14)
+    depth = lambda *r: bm._query_depth(torch.tensor(r, dtype=torch.float64)[:, None])  # noqa: E731
+    assert depth(0.25, 0.5 + 1e-9) == depth(0.25, 0.5 + 2.0**-21) == bm.depth
+    assert depth(0.25, 0.375) == 3 and depth(0.0, 1.0) == 0 and depth(0.0, 2.0**-20) == 20

@@ -85,6 +85,63 @@ class Diffusion:
         return ybar * v
 
 
+# Elements (interval, sample, Brownian dimension) per look-ahead query of a fixed-step solve: large
+# enough to amortise the per-query kernel launches for small batches, small enough that the tree's
+# per-level temporaries stay in cache (and memory stays O(1) in the number of steps).
+LOOKAHEAD_ELEMENTS = 1 << 16
+
+
+class StepAhead:
+    """Fixed-step solves: Brownian increments of the next steps from one batched tree query.
+
+    A single VirtualBrownianTree query costs ~100 small kernels whatever the batch, so small-batch
+    fixed-step solves are launch-bound. Each query here that does not match the cached look-ahead
+    predicts the following steps as [s + jh, s + (j+1)h] (the loop's own sequential additions; the end
+    clamped to the span like ``increments``) and fetches them with ``bm.intervals``, which also
+    descends each shared grid point once. A step is served from the cache only if its (s, t) equal
+    the predicted ones exactly, so the values are those of a direct query whatever the loop does
+    (saves, finished samples, the adjoint's backward pass); a chunk's tree depth is shared by its
+    intervals (VirtualBrownianTree._query_depth), so they can differ from a direct query by rounding.
+    Chunk lengths: the first covers the steps to the end of the span, later ones double while the
+    predictions hold and restart at 1 when they fail (non-aligned save points), which bounds the
+    wasted work; all at most ``LOOKAHEAD_ELEMENTS`` elements."""
+
+    def __init__(self, bm, t_end, B, m):
+        self.bm, self.t_end = bm, t_end
+        self.kmax = max(1, LOOKAHEAD_ELEMENTS // (B * m))
+        self.i = self.n = 0
+        self.S = self.T = self.W = self.H = None
+
+    def __call__(self, s, t, h, area):
+        i = self.i
+        if i < self.n and (self.H is not None or not area) and torch.equal(s, self.S[i]) and torch.equal(t, self.T[i]):
+            self.i += 1
+            return self.W[i], (self.H[i] if area else None)
+        if self.n == 0:
+            k = self.kmax
+        else:
+            continuing = i == self.n and torch.equal(s, self.T[i - 1])
+            k = min(2 * self.n, self.kmax) if continuing else 1
+        self._fetch(s, h, min(k, self._steps_left(s, h)), area)
+        self.i = 1
+        return self.W[0], (self.H[0] if area else None)
+
+    def _steps_left(self, s, h):
+        """Steps of size h to the end of the span, most over the samples (one host sync)."""
+        left = torch.where(h > 0, (self.t_end - s) / torch.where(h > 0, h, 1.0), 1.0)
+        return max(1, int(torch.ceil(left).max()))
+
+    def _fetch(self, s, h, k, area):
+        S = [s]
+        for _ in range(k - 1):  # s, s+h, (s+h)+h, ...: the loop's own additions, in order
+            S.append(S[-1] + h)
+        S = torch.stack(S)
+        self.T = torch.minimum(S + h, self.t_end)
+        self.S = torch.minimum(S, self.t_end)  # steps predicted past the end: empty, never matched
+        self.W, self.H = self.bm.intervals(self.S, self.T, area=area)
+        self.n = k
+
+
 class SDEMethod:
     """Shared machinery: Brownian increments, linear interpolation, no stiffness estimate."""
 
@@ -100,11 +157,21 @@ class SDEMethod:
         self.bm = bm
         self.t_end = t_end
         self.B, self.m = g.B, g.m
+        self.ahead = None
+
+    def look_ahead(self):
+        """Serve fixed steps from batched look-ahead queries (StepAhead); a no-op for Brownian
+        paths other than a VirtualBrownianTree, and off the CPU (its cache checks read the device)."""
+        if isinstance(self.bm, VirtualBrownianTree) and self.t_end.device.type == "cpu":
+            self.ahead = StepAhead(self.bm, self.t_end, self.B, self.m)
 
     def increments(self, tau, h, area: bool = False):
         """(ΔW, H) over [τ, τ+h] per sample, in y's dtype; H the space-time Lévy area (or None).
         The end is clamped to the span (a local-regularization probe may reach past it)."""
         s, t = tau, torch.minimum(tau + h, self.t_end)
+        if self.ahead is not None:
+            dW, H = self.ahead(s, t, h, area)
+            return self._shape(dW, h), (None if H is None else self._shape(H, h))
         if area:
             dW, H = self.bm.increment_and_area(s, t)
             return self._shape(dW, h), self._shape(H, h)
@@ -448,6 +515,8 @@ def solve_sde(prob, solver, *, rtol, atol, dt, adaptive, dtmin, dtmax, max_steps
     method = build_sde_method(solver, g, bm, t_rows[:, -1], prob.interpretation)
     if adaptive and not method.adaptive:
         raise ValueError(f"{solver!r} has no error estimate, so it cannot step adaptively: pass adaptive=False with dt=...")
+    if not adaptive and not differentiable_dt:  # (the look-ahead's times would not carry dt's graph)
+        method.look_ahead()
     reversible = isinstance(method, ReversibleHeun)
     if reversible and dense:
         raise ValueError("dense=True is not available with ReversibleHeun (its state carries ŷ); save at t instead")
