@@ -1,6 +1,8 @@
 """Error norm, PI step-size controller and initial step, as OrdinaryDiffEq does them (SOLVERS.md)."""
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -24,14 +26,41 @@ class Norm:
         if valid is None:
             return _safe_sqrt(sq.mean()).expand(x.shape[0])
         count = (valid.sum() * x.shape[1]).clamp_min(1)
-        total = torch.where(valid[:, None], sq, 0.0).sum()
+        total = torch.where(valid[:, None], sq, constant(0.0, sq)).sum()
         return _safe_sqrt(total / count).expand(x.shape[0])
 
 
 def _safe_sqrt(x):
     # sqrt'(0) is infinite: finished samples (h = 0, zero error) would turn gradients into NaN.
-    positive = x > 0
-    return torch.where(positive, torch.where(positive, x, 1.0).sqrt(), 0.0)
+    zero = constant(0.0, x)
+    positive = x > zero
+    return torch.where(positive, torch.where(positive, x, constant(1.0, x)).sqrt(), zero)
+
+
+@functools.lru_cache(maxsize=None)
+def _constant(value, dtype, device):
+    # Built outside inference mode: an inference tensor could not be saved for backward later.
+    with torch.inference_mode(False):
+        return torch.tensor(value, dtype=dtype, device=device)
+
+
+def constant(value, like: torch.Tensor) -> torch.Tensor:
+    """A cached 0-d tensor of `value` (not NaN: it would miss the cache) with like's dtype and device.
+
+    A Python number in a tensor op is wrapped and converted to the op's dtype on every call
+    (torch.where even builds a new tensor), which costs as much as the op itself; the result is
+    the same, the number being rounded to the dtype either way."""
+    return _constant(value, like.dtype, like.device)
+
+
+def _as_operand(value, like):
+    """value itself if a tensor (per-component tolerances), else the cached constant."""
+    return value if isinstance(value, torch.Tensor) else constant(value, like)
+
+
+def rows_finite(x: torch.Tensor) -> torch.Tensor:
+    """isfinite(x).all(-1) in fewer ops (isfinite dispatches several): |x| < inf is False for ±inf and NaN."""
+    return (x.abs() < constant(math.inf, x)).all(-1)
 
 
 def error_norm(norm: Norm, err, y0, y1, atol, rtol, valid=None) -> torch.Tensor:
@@ -40,19 +69,28 @@ def error_norm(norm: Norm, err, y0, y1, atol, rtol, valid=None) -> torch.Tensor:
     Non-finite entries are zeroed before the norm (and the result replaced afterwards) so that a
     diverging sample cannot turn the others' gradients into NaN.
     """
-    scale = atol + rtol * torch.maximum(y0.abs(), y1.abs())
+    ymax = torch.maximum(y0.abs(), y1.abs())
+    scale = _as_operand(atol, ymax) + _as_operand(rtol, ymax) * ymax
     ratio = err / scale
-    finite = torch.isfinite(ratio).all(-1)
+    inf = constant(math.inf, ratio)
+    if not norm.lockstep and not ratio.requires_grad:
+        # Without gradients to protect, no zeroing is needed: a non-finite component makes its
+        # own sample's mean square NaN or inf (and only that sample's), and an overflowing square
+        # gives inf as before.
+        ms = ratio.square().mean(-1)
+        return torch.where(ms < inf, ms.sqrt(), inf)
+    finite = rows_finite(ratio)
     if norm.lockstep and valid is not None:
         # Rows outside the lockstep reduction are zeroed by the norm anyway: one mask for both.
         valid = valid & finite
-        safe = torch.where(valid[:, None], ratio, 0.0)
+        safe = torch.where(valid[:, None], ratio, constant(0.0, ratio))
         count = (valid.sum() * ratio.shape[1]).clamp_min(1)
-        eest = _safe_sqrt(safe.square().sum() / count).expand(ratio.shape[0])
+        root = _safe_sqrt if ratio.requires_grad else torch.sqrt  # the guard is for gradients only
+        eest = root(safe.square().sum() / count).expand(ratio.shape[0])
     else:
-        safe = torch.where(finite[:, None], ratio, 0.0)
+        safe = torch.where(finite[:, None], ratio, constant(0.0, ratio))
         eest = norm(safe, finite)
-    return torch.where(finite, eest, float("inf"))
+    return torch.where(finite, eest, inf)
 
 
 @dataclass
@@ -77,18 +115,22 @@ class PIController:
 
     def propose(self, dt, eest, errold, accept):
         """Next step size and error memory for every sample, given this step's outcome."""
-        finite = torch.isfinite(eest)
-        e = torch.where(finite, eest, 1.0)
+        finite = eest < constant(math.inf, eest)   # eest ≥ 0 (or NaN): isfinite in one op
+        # A non-finite EEst only reaches the reject branch, which is replaced below; the where keeps
+        # inf out of the graph when gradients flow through dt (differentiable_dt).
+        e = torch.where(finite, eest, constant(1.0, eest)) if eest.requires_grad else eest
         q11 = e.pow(self.beta1)
-        q = (q11 / errold.pow(self.beta2) / self.gamma).clamp(1 / self.qmax, 1 / self.qmin)
-        q = torch.where(e == 0, 1 / self.qmax, q)
+        gamma = constant(self.gamma, q11)
+        q = (q11 / errold.pow(self.beta2) / gamma).clamp(1 / self.qmax, 1 / self.qmin)
+        if self.beta1 <= 0:  # EEst = 0 gives q11 = 0, hence q = 1/qmax from the clamp, unless β1 = 0
+            q = torch.where(e == 0, constant(1 / self.qmax, q), q)
         if not (self.qsteady_min == self.qsteady_max == 1):  # [1, 1] would map q = 1 to itself
             steady = (q >= self.qsteady_min) & (q <= self.qsteady_max)
-            q = torch.where(steady, 1.0, q)
-        dt_accept = dt / q
-        dt_reject = dt / torch.clamp(q11 / self.gamma, max=1 / self.qmin)
-        dt_reject = torch.where(finite, dt_reject, dt * self.qmin)
-        dt_new = torch.where(accept, dt_accept, dt_reject)
+            q = torch.where(steady, constant(1.0, q), q)
+        # One division for both outcomes (a non-finite EEst is never accepted).
+        q_reject = torch.clamp(q11 / gamma, max=1 / self.qmin)
+        dt_new = dt / torch.where(accept, q, q_reject)
+        dt_new = torch.where(finite, dt_new, dt * constant(self.qmin, dt))
         errold_new = torch.where(accept, torch.clamp(e, min=1e-4), errold)
         return dt_new, errold_new
 

@@ -22,7 +22,7 @@ import torch
 
 from ..progress import SCALE as PROGRESS_SCALE, current_hook as progress_hook
 from ..solution import ReturnCode
-from .controller import Norm, PIController, error_norm, initial_step
+from .controller import Norm, PIController, constant, error_norm, initial_step, rows_finite
 
 RUNNING = int(ReturnCode.Running)
 
@@ -107,6 +107,12 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
     dense = {k: [] for k in ("tau", "h", "y0", "ks", "y1", "f1")} if opts.dense else None
     next_save = torch.ones(B, dtype=torch.long, device=device)
     nan = torch.tensor(float("nan"), dtype=dtype, device=device)
+    zero = constant(0.0, tau)
+    inf = constant(float("inf"), y0)
+    one = constant(1.0, y0)
+    slack_factor, dtmin_factor = constant(100 * eps, tau), constant(10 * eps, tau)
+    # Return codes as cached 0-d tensors (a Python number in torch.where costs a conversion per call).
+    code = {rc: constant(int(rc), status) for rc in ReturnCode}
     probe_tau, probe_y = tau.clone(), y0.detach()
     probe_count = torch.zeros(B, dtype=dtype, device=device)
 
@@ -126,16 +132,16 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
         remaining = target - tau
         # The slack is relative to the target being aimed at (a save point far below t_end must
         # not inherit t_end's slack, or a retry towards it could never shrink).
-        slack = end_slack if not opts.stop_at_saves else 100 * eps * torch.clamp(target.abs(), min=1.0)
+        slack = end_slack if not opts.stop_at_saves else torch.clamp(target.abs(), min=1.0) * slack_factor
         hit = active & (dt >= remaining - slack)
-        h = torch.where(active, torch.where(hit, remaining, dt), 0.0)
+        h = torch.where(hit, remaining, torch.where(active, dt, zero))   # hit ⊆ active
         step = method.step(rhs, tau, y, h, k1)
         actives.append(active)
         step_nfes.append(step.nfe)
         for key, count in (getattr(step, "stats", None) or {}).items():
             counters[key] = counters.get(key, 0) + active * count
 
-        finite_y1 = torch.isfinite(step.y1).all(-1)
+        finite_y1 = rows_finite(step.y1)
         if step.err is not None:
             eest = error_norm(norm, step.err, y, step.y1, atol, rtol, valid=active)
         else:
@@ -144,7 +150,7 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
         failed = getattr(step, "failed", None)
         accept = active & finite_y1 if failed is None else active & finite_y1 & ~failed
         if opts.adaptive:
-            accept = accept & (eest <= 1)
+            accept = accept & (eest <= one)
 
         hit_accept = hit & accept
         # The step that reaches the end time (target is tau_end unless stopping at save points).
@@ -164,29 +170,29 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
             stiff = method.stiffness(step, step.y1, f_end, norm)
 
         if opts.adaptive:
-            eest_ctrl = eest if opts.differentiable_dt else eest.detach()
+            eest_ctrl = eest if opts.differentiable_dt or not eest.requires_grad else eest.detach()
             dt_new, errold = controller.propose(h, eest_ctrl, errold, accept)
             # A step shortened to land on a target says nothing about the size the problem allows.
             dt_new = torch.where(hit_accept, torch.maximum(dt_new, dt), dt_new)
             dt_new = torch.minimum(dt_new, dtmax)
-            dtmin = 10 * eps * torch.clamp(tau.abs(), min=1.0)
+            dtmin = torch.clamp(tau.abs(), min=1.0) * dtmin_factor
             if opts.dtmin > 0:
                 dtmin = torch.clamp(dtmin, min=opts.dtmin)
             too_small = (active ^ finishing) & (dt_new < dtmin)  # finishing ⊆ active: active & ~finishing
-            status = torch.where(too_small, torch.where(torch.isfinite(eest), int(ReturnCode.DtLessThanMin),
-                                                        int(ReturnCode.Unstable)), status)
+            status = torch.where(too_small, torch.where(eest < inf, code[ReturnCode.DtLessThanMin],
+                                                        code[ReturnCode.Unstable]), status)
             if failed is not None:
-                status = torch.where(too_small & failed, int(ReturnCode.ConvergenceFailure), status)
+                status = torch.where(too_small & failed, code[ReturnCode.ConvergenceFailure], status)
             dt = torch.where(active, dt_new, dt)
         if stop_diverged:
-            status = torch.where(active & ~finite_y1, int(ReturnCode.Unstable), status)
+            status = torch.where(active & ~finite_y1, code[ReturnCode.Unstable], status)
         if failed is not None and not opts.adaptive:
             # A fixed step cannot shrink: an implicit solve that did not converge ends the sample.
-            status = torch.where(active & failed, int(ReturnCode.ConvergenceFailure), status)
-        status = torch.where(finishing, int(ReturnCode.Success), status)
+            status = torch.where(active & failed, code[ReturnCode.ConvergenceFailure], status)
+        status = torch.where(finishing, code[ReturnCode.Success], status)
         if n_iter >= opts.max_steps:
             # A sample still running has been active in every iteration: its iters = n_iter.
-            status = torch.where(status == RUNNING, int(ReturnCode.MaxIters), status)
+            status = torch.where(status == RUNNING, code[ReturnCode.MaxIters], status)
         running = status == RUNNING
 
         # Save points covered by accepted steps, interpolated with the method's own dense output:
@@ -201,7 +207,7 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
             flags = [running.any()]
         else:
             covered = (tau_save <= tau_new[:, None]).sum(1)
-            nsave = torch.where(accept, covered - next_save, 0)
+            nsave = torch.where(accept, covered - next_save, constant(0, next_save))
             flags = [running.sum(), nsave.max()]
         if on_progress is not None:  # solve(progress=True): the slowest running sample's covered fraction, same read
             covered_frac = torch.where(status == RUNNING, (tau_new - tau_save[:, 0]) / span, torch.ones_like(span))
