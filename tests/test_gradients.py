@@ -103,3 +103,19 @@ def test_eest_gradient_finite_nonzero(cls, batched, batch):
     grads = torch.autograd.grad(eest.sum(), list(net.parameters()))
     assert all(torch.isfinite(g).all() for g in grads), grads
     assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_first_solve_under_inference_mode_does_not_break_later_gradients():
+    """Method objects (coefficient tensors) are cached across solves: the first build happening
+    under torch.inference_mode must not leave inference tensors that a later backward needs."""
+    from pybridge.torch_engine.engine import _build_method
+    _build_method.cache_clear()
+    w = torch.tensor([[-0.5, 1.0], [-1.0, -0.3]], dtype=torch.float64, requires_grad=True)
+    prob = lambda: pb.ODEProblem(lambda t, y: y @ w, torch.ones(3, 2, dtype=torch.float64),
+                                 torch.tensor([0.0, 1.0], dtype=torch.float64))
+    for solver in (pb.Tsit5(), pb.Rodas5P(), pb.Kvaerno5()):
+        with torch.inference_mode():
+            pb.solve(prob(), solver, rtol=1e-4, atol=1e-6)
+        sol = pb.solve(prob(), solver, rtol=1e-4, atol=1e-6)
+        g, = torch.autograd.grad(sol.ys[-1].sum(), w)
+        assert torch.isfinite(g).all() and g.abs().sum() > 0

@@ -27,6 +27,13 @@ def build_method(solver, dtype, device):
 
 @functools.lru_cache(maxsize=64)
 def _build_method(family, name, dtype, device, stiff=None):
+    # Cached objects outlive the caller's mode: coefficient tensors made under inference_mode
+    # could never be saved for backward by a later solve that needs gradients.
+    with torch.inference_mode(False):
+        return _construct_method(family, name, dtype, device, stiff)
+
+
+def _construct_method(family, name, dtype, device, stiff):
     if family == "explicit_rk":
         return ExplicitRK(EXPLICIT_TABLEAUS[name], dtype, device)
     if family == "rosenbrock":
