@@ -1,17 +1,69 @@
-"""Pieces the multi-seed experiments (mnist_node, latent_ode) share: λ schedules and reporting."""
+"""Pieces the multi-seed experiments (mnist_node, mnist_nsde, latent_ode, latent_theoph) share: λ
+schedules, reporting, and merging new configurations into saved results (`--add`)."""
 from __future__ import annotations
 
+import json
 import statistics
 
 import numpy as np
 
 
 def schedule(lam, step, steps):
-    """λ at `step`: a constant, or (λ0, λ1) decayed exponentially over training as in the papers."""
+    """λ at `step`: a constant, or (λ0, λ1) changed exponentially over training (decayed, as in the
+    papers, or grown when λ1 > λ0)."""
     if not isinstance(lam, (tuple, list)):
         return float(lam)
     lam0, lam1 = lam
     return lam0 * (lam1 / lam0) ** (step / max(steps - 1, 1))
+
+
+def add_run_arguments(ap, configs, quick_help):
+    """The options every multi-seed experiment shares: seeds, configurations, smoke run, output, --add."""
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--configs", nargs="+", default=list(configs), choices=list(configs))
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--out", default="experiments/results")
+    ap.add_argument("--add", action="store_true",
+                    help="train only --configs and merge them into the saved results (same settings)")
+
+
+def load_saved(path, args, keys):
+    """The saved results file at `path`; refuses one made with other settings (`keys` of args)."""
+    saved = json.loads(path.read_text())
+    if any(saved["args"].get(k) != getattr(args, k) for k in keys):
+        raise SystemExit(f"{path} was made with other settings: {saved['args']}")
+    return saved
+
+
+def merge_saved(path, results, curves, args, total, keys, order):
+    """Saved results (other configurations) plus the ones just trained, in `order` (the script's
+    CONFIGS); a configuration trained now replaces its saved runs. The wall time becomes the sum of
+    both runs, and args.configs the merged list. Refuses to merge runs made with other settings."""
+    saved = load_saved(path, args, keys)
+    merged = {**saved["results"], **results}
+    merged_curves = {**saved.get("curves", {}), **curves}
+    names = [n for n in order if n in merged]  # configurations no longer in `order` are dropped
+    args.configs = names
+    return ({n: merged[n] for n in names}, {n: merged_curves[n] for n in names if n in merged_curves},
+            saved.get("wall_s", 0.0) + total)
+
+
+def merged_note(trained_now):
+    """The report's note when --add merged runs made at different times."""
+    return (f"\n--add: {', '.join(trained_now)} trained in a later run than the rest; the metrics and NFE are "
+            "deterministic per seed, but CPU-time ratios across runs also reflect the machine's load at each time.\n")
+
+
+def save_run(out_dir, name, text, payload, results, curves, metric, metric_label, curve_label, ylim_top=None):
+    """Write <name>.txt (the report), <name>.json (payload) and <name>.png (plot) under out_dir."""
+    import json
+    import pathlib
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.txt").write_text(text)
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=1))
+    plot(results, curves, out / f"{name}.png", metric, metric_label, curve_label, ylim_top=ylim_top)
+    print(f"saved {out / name}.txt, .json and .png")
 
 
 def mean_sd(xs):

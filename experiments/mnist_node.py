@@ -23,7 +23,6 @@ not directly comparable in absolute terms; compare the ratios to vanilla.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import pathlib
@@ -35,7 +34,8 @@ import numpy as np
 import torch
 
 import pybridge as pb
-from experiments.common import add_regularizers, mean_sd, paper_lines, plot
+from experiments.common import (add_regularizers, add_run_arguments, mean_sd, merge_saved, paper_lines,
+                                save_run)
 
 PAPER = [  # REGULARIZATION.md (means)
     ("2021", "vanilla", "97.94 %", 253, "0.98 h", "0.094 s"),
@@ -55,6 +55,8 @@ CONFIGS = {
     "local unbiased": {"local": "unbiased", "lambda_local": (2.5, 1.0)},
     "local biased": {"local": "biased", "lambda_local": (2.5, 1.0)},
 }
+# settings that must match for --add to merge new configurations into the saved results
+SETTINGS = ("seeds", "epochs", "batch", "latent", "hidden", "pool", "lr", "rtol", "atol")
 
 
 def mnist_5k_path():
@@ -159,7 +161,6 @@ def evaluate(model, data, args, repeats=3):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--latent", type=int, default=32, help="size of the ODE state z")
@@ -168,11 +169,7 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--rtol", type=float, default=1e-8)
     ap.add_argument("--atol", type=float, default=1e-8)
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 1 epoch on 1024 digits, results not saved")
-    ap.add_argument("--out", default="experiments/results")
-    ap.add_argument("--add", action="store_true",
-                    help="train only --configs and merge them into the saved results (same settings)")
+    add_run_arguments(ap, CONFIGS, "smoke run: 1 seed, 1 epoch on 1024 digits, results not saved")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     from tqdm import tqdm
@@ -197,35 +194,16 @@ def main(argv=None):
                 tqdm.write(f"seed {seed} {name:20s} acc {acc:6.2f} %  NFE {nfe:4d}  train {train_s:6.1f} s  predict {pred_s * 1e3:6.1f} ms")
     total = time.perf_counter() - wall0
     if args.add:
-        results, curves, total = _merge_saved(pathlib.Path(args.out) / "mnist_node.json", results, curves, args, total)
+        results, curves, total = merge_saved(pathlib.Path(args.out) / "mnist_node.json", results, curves, args, total,
+                                             SETTINGS, CONFIGS)
     text = report(results, args, total, len(data[0][1]), len(data[1][1]))
     print(text)
     if args.quick:
         return results
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "mnist_node.txt").write_text(text)
-    (out / "mnist_node.json").write_text(json.dumps(dict(results=results, curves=curves, args=vars(args),
-                                                          wall_s=total), indent=1))
-    plot(results, curves, out / "mnist_node.png", "acc", "test accuracy (%)",
-         "NFE of the training solve (mean over seeds)", ylim_top=100)
-    print(f"saved {out / 'mnist_node.txt'}, {out / 'mnist_node.json'} and {out / 'mnist_node.png'}")
+    payload = dict(results=results, curves=curves, args=vars(args), wall_s=total)
+    save_run(args.out, "mnist_node", text, payload, results, curves, "acc", "test accuracy (%)",
+             "NFE of the training solve (mean over seeds)", ylim_top=100)
     return results
-
-
-def _merge_saved(path, results, curves, args, total):
-    """Saved results (other configurations) plus the ones just trained, in CONFIGS order; the wall
-    time becomes the sum of both runs. Refuses to merge runs made with other settings."""
-    saved = json.loads(path.read_text())
-    keys = ("seeds", "epochs", "batch", "latent", "hidden", "pool", "lr", "rtol", "atol")
-    if any(saved["args"][k] != getattr(args, k) for k in keys):
-        raise SystemExit(f"--add: {path} was made with other settings: {saved['args']}")
-    merged = {**saved["results"], **results}
-    merged_curves = {**saved.get("curves", {}), **curves}
-    order = [n for n in CONFIGS if n in merged]
-    args.configs = order
-    prev_wall = saved.get("wall_s", 0.0)
-    return {n: merged[n] for n in order}, merged_curves, prev_wall + total
 
 
 def report(results, args, total, n_train, n_test):
