@@ -23,6 +23,7 @@ import time
 import torch
 
 import pybridge as pb
+from experiments.common import schedule
 
 TRUE_A = torch.tensor([[-0.1, 2.0], [-2.0, -0.1]])
 
@@ -48,14 +49,6 @@ def windows(t, ys, batch, length, gen):
     start = torch.randint(0, len(t) - length, (batch,), generator=gen)
     idx = start[:, None] + torch.arange(length)
     return ys[start], t[idx], ys[idx].transpose(0, 1)  # y0 (B,2), t (B,L), targets (L,B,2)
-
-
-def schedule(lam, it, iters):
-    """λ as a number or (λ0, λ1): exponential decay from λ0 to λ1 over training."""
-    if not isinstance(lam, (tuple, list)):
-        return float(lam)
-    lam0, lam1 = lam
-    return lam0 * (lam1 / lam0) ** (it / max(iters - 1, 1))
 
 
 def train(config, t, ys, iters, seed, rtol, atol, progress=None, batch=20, length=10, lr=1e-2,
