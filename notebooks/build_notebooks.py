@@ -247,7 +247,7 @@ def rober(t, y):
                         0.04 * y1 - 1e4 * y2 * y3 - 3e7 * y2 ** 2,
                         3e7 * y2 ** 2], -1)
 
-def rober_jac(t, y):                      # optional: stiff solvers otherwise use forward-mode AD
+def rober_jac(t, y):                      # optional: stiff solvers otherwise use autodiff
     y1, y2, y3 = y[..., 0], y[..., 1], y[..., 2]
     zero = torch.zeros_like(y1)
     return torch.stack([torch.stack([-0.04 + zero, 1e4 * y3, 1e4 * y2], -1),

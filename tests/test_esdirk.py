@@ -2,7 +2,7 @@
 order, stiff accuracy on the Bari test set (ROBER, VDPOL), Newton failure handling (per-sample
 ConvergenceFailure, singular W), statistics, gradients, and the float32 tolerance warning.
 
-ROBER, VDPOL and the order tests pass an analytic `jac` (forward-mode AD costs most of a step on
+ROBER, VDPOL and the order tests pass an analytic `jac` (autodiff Jacobians cost much of a step on
 small systems); the AD path is exercised by the stats, failure and gradient tests."""
 from __future__ import annotations
 
