@@ -5,7 +5,7 @@ from typing import Callable, Optional
 
 from .problem import ODEProblem
 
-NOISE_TYPES = ("diagonal", "scalar", "additive")
+NOISE_TYPES = ("diagonal", "scalar", "additive", "general")
 INTERPRETATIONS = ("ito", "stratonovich")
 
 
@@ -18,6 +18,8 @@ class SDEProblem(ODEProblem):
       "scalar"    g(t, y) has y's shape; one Brownian motion shared by all components.
       "additive"  g does not depend on y. Either y's shape (one Brownian motion per component) or
                   y's shape plus a trailing dimension m (g(t)·dW with m Brownian motions).
+      "general"   g(t, y) has y's shape plus a trailing dimension m: g(t, y)·dW with m Brownian
+                  motions (EM, EulerHeun, ReversibleHeun: strong order 0.5 without Lévy areas).
     y0 (batched as in ODEProblem) and t as in ODEProblem; t must increase.
     """
 

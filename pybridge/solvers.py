@@ -163,8 +163,9 @@ class SDESolver(Solver):
 
 
 class EM(SDESolver):
-    """Euler–Maruyama: strong order 0.5, fixed step."""
+    """Euler–Maruyama: strong order 0.5, fixed step; any noise, general (g of shape (..., n, m)) included."""
     adaptive = False
+    noise = SDESolver.noise + ("general",)
 
 
 class LambaEM(SDESolver):
@@ -172,9 +173,11 @@ class LambaEM(SDESolver):
 
 
 class EulerHeun(SDESolver):
-    """Stochastic Heun (Stratonovich), strong order 0.5 (1.0 for commutative noise), fixed step."""
+    """Stochastic Heun (Stratonovich), strong order 0.5 (1.0 for commutative noise), fixed step;
+    general noise included."""
     adaptive = False
     interpretations = ("stratonovich",)
+    noise = SDESolver.noise + ("general",)
 
 
 class RKMil(SDESolver):
@@ -207,9 +210,11 @@ class SRA1(SDESolver):
 
 class ReversibleHeun(SDESolver):
     """Kidger et al.'s reversible Heun (Stratonovich): algebraically reversible, so
-    pb.ReversibleAdjoint() recovers the forward states exactly backwards (O(1) memory); fixed step."""
+    pb.ReversibleAdjoint() recovers the forward states exactly backwards (O(1) memory); fixed step;
+    general noise included."""
     adaptive = False
     interpretations = ("stratonovich",)
+    noise = SDESolver.noise + ("general",)
 
 
 SDE_SOLVERS = (EM, LambaEM, EulerHeun, RKMil, SRIW1, SOSRI, SRA1, ReversibleHeun)

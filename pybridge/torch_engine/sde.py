@@ -9,7 +9,7 @@ no smooth interpolant. Time always increases here (SDEProblem enforces it), so �
 Noise modes (how g multiplies an increment v of shape (B, m)):
   "diag"   g (B, n), m = n: g·v elementwise (diagonal noise, or additive with y-shaped g)
   "scalar" g (B, n), m = 1: g·v broadcast
-  "matrix" g (B, n, m): g @ v (additive noise with m Brownian motions)
+  "matrix" g (B, n, m): g @ v (additive or general noise with m Brownian motions)
 """
 from __future__ import annotations
 
@@ -54,14 +54,14 @@ class Diffusion:
             raise TypeError(f"g must return a torch.Tensor; got {type(out).__name__}")
         noise = self.prob.noise
         state = tuple(self.shape)
-        if tuple(out.shape) == state:
+        if tuple(out.shape) == state and noise != "general":
             self.mode, self.m = ("scalar", 1) if noise == "scalar" else ("diag", self.n)
-        elif noise == "additive" and out.dim() == len(state) + 1 and tuple(out.shape[:-1]) == state:
+        elif noise in ("additive", "general") and out.dim() == len(state) + 1 and tuple(out.shape[:-1]) == state:
             self.mode, self.m = "matrix", out.shape[-1]
         else:
-            allowed = f"{state} (y's shape)"
-            if noise == "additive":
-                allowed += f" or {state + ('m',)} (m Brownian motions)"
+            allowed = f"{state} (y's shape)" if noise != "general" else ""
+            if noise in ("additive", "general"):
+                allowed += (" or " if allowed else "") + f"{state + ('m',)} (m Brownian motions)"
             raise ValueError(f"g returned shape {tuple(out.shape)}, which does not match noise={noise!r}: "
                              f"expected {allowed}")
         check_output(out.reshape(state) if self.mode != "matrix" else out[..., 0], self.prob.y0, state)
