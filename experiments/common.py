@@ -3,7 +3,9 @@ schedules, reporting, and merging new configurations into saved results (`--add`
 from __future__ import annotations
 
 import json
+import math
 import statistics
+import time
 
 import numpy as np
 
@@ -64,6 +66,50 @@ def save_run(out_dir, name, text, payload, results, curves, metric, metric_label
     (out / f"{name}.json").write_text(json.dumps(payload, indent=1))
     plot(results, curves, out / f"{name}.png", metric, metric_label, curve_label, ylim_top=ylim_top)
     print(f"saved {out / name}.txt, .json and .png")
+
+
+def train_classifier(model, data, cfg, seed, args, bar, solve_batch):
+    """Adam on cross-entropy of model.head(z(t1)) plus the configuration's regularizers, shuffled
+    batches of args.batch for args.epochs. solve_batch(x, step, gen) -> Solution. Returns (model,
+    training CPU seconds without evaluations, NFE of each training solve)."""
+    import torch
+    (xtr, ytr), _ = data
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    steps_per_epoch = math.ceil(len(ytr) / args.batch)
+    steps = args.epochs * steps_per_epoch
+    train_nfe, train_s, step = [], 0.0, 0
+    for _ in range(args.epochs):
+        perm = torch.randperm(len(ytr), generator=gen)
+        for i in range(steps_per_epoch):
+            idx = perm[i * args.batch:(i + 1) * args.batch]
+            start = time.process_time()
+            sol = solve_batch(xtr[idx], step, gen)
+            loss = torch.nn.functional.cross_entropy(model.head(sol.ys[-1]), ytr[idx])
+            loss = add_regularizers(loss, cfg, sol, step, steps)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            train_s += time.process_time() - start
+            train_nfe.append(int(sol.stats.nfe.max()))
+            step += 1
+            if bar is not None:
+                bar.update(1)
+    return model, train_s, train_nfe
+
+
+def evaluate_classifier(model, data, solve_test, repeats=3):
+    """(test accuracy %, the prediction Solution, median CPU seconds of `repeats` prediction solves)."""
+    import torch
+    _, (xte, yte) = data
+    cpu = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.process_time()
+            sol = solve_test(xte)
+            cpu.append(time.process_time() - start)
+        acc = (model.head(sol.ys[-1]).argmax(-1) == yte).double().mean().item() * 100
+    return acc, sol, sorted(cpu)[len(cpu) // 2]
 
 
 def mean_sd(xs):

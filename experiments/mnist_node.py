@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 import pybridge as pb
-from experiments.common import (add_regularizers, add_run_arguments, mean_sd, merge_saved, paper_lines,
-                                save_run)
+from experiments.common import (add_run_arguments, evaluate_classifier, mean_sd, merge_saved, paper_lines,
+                                save_run, train_classifier)
 
 PAPER = [  # REGULARIZATION.md (means)
     ("2021", "vanilla", "97.94 %", 253, "0.98 h", "0.094 s"),
@@ -137,52 +137,24 @@ class NODEClassifier(torch.nn.Module):
         return pb.solve(pb.ODEProblem(self.f, z0, t), pb.Tsit5(), rtol=rtol, atol=atol, batch="lockstep", **kw)
 
 
-
-
 def train(cfg, data, seed, args, bar=None):
-    (xtr, ytr), _ = data
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    model = NODEClassifier(xtr.shape[1], args.latent, args.hidden).double()
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    steps_per_epoch = math.ceil(len(ytr) / args.batch)
-    steps = args.epochs * steps_per_epoch
-    train_nfe, train_s, step = [], 0.0, 0
-    for epoch in range(args.epochs):
-        perm = torch.randperm(len(ytr), generator=gen)
-        for i in range(steps_per_epoch):
-            idx = perm[i * args.batch:(i + 1) * args.batch]
-            start = time.process_time()
-            t1 = 1.0
-            if cfg.get("steer"):
-                b = cfg["steer"]
-                t1 = 1.0 - b + 2 * b * torch.rand((), generator=gen, dtype=torch.float64).item()
-            sol = model.solve(xtr[idx], t1, args.rtol, args.atol, local_regularizer=cfg.get("local"),
-                              seed=seed * 1_000_003 + step)
-            logits = model.head(sol.ys[-1])
-            loss = torch.nn.functional.cross_entropy(logits, ytr[idx])
-            loss = add_regularizers(loss, cfg, sol, step, steps)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            train_s += time.process_time() - start
-            train_nfe.append(int(sol.stats.nfe.max()))
-            step += 1
-            if bar is not None:
-                bar.update(1)
-    return model, train_s, train_nfe
+    model = NODEClassifier(data[0][0].shape[1], args.latent, args.hidden).double()
+
+    def solve_batch(x, step, gen):
+        t1 = 1.0
+        if cfg.get("steer"):
+            b = cfg["steer"]
+            t1 = 1.0 - b + 2 * b * torch.rand((), generator=gen, dtype=torch.float64).item()
+        return model.solve(x, t1, args.rtol, args.atol, local_regularizer=cfg.get("local"),
+                           seed=seed * 1_000_003 + step)
+
+    return train_classifier(model, data, cfg, seed, args, bar, solve_batch)
 
 
 def evaluate(model, data, args, repeats=3):
-    _, (xte, yte) = data
-    walls = []
-    with torch.no_grad():
-        for _ in range(repeats):
-            start = time.process_time()
-            sol = model.solve(xte, 1.0, args.rtol, args.atol)
-            walls.append(time.process_time() - start)
-        acc = (model.head(sol.ys[-1]).argmax(-1) == yte).double().mean().item() * 100
-    return acc, int(sol.stats.nfe.max()), sorted(walls)[len(walls) // 2]
+    acc, sol, cpu = evaluate_classifier(model, data, lambda x: model.solve(x, 1.0, args.rtol, args.atol), repeats)
+    return acc, int(sol.stats.nfe.max()), cpu
 
 
 def main(argv=None):

@@ -35,8 +35,8 @@ import time
 import torch
 
 import pybridge as pb
-from experiments.common import (add_regularizers, add_run_arguments, mean_sd, merge_saved, paper_lines,
-                                save_run)
+from experiments.common import (add_run_arguments, evaluate_classifier, mean_sd, merge_saved, paper_lines,
+                                save_run, train_classifier)
 from experiments.mnist_node import load_mnist
 
 PAPER = [  # REGULARIZATION.md (means); the 2021 SDE NFE ratio is the 0.729–0.733× range
@@ -96,44 +96,18 @@ class NSDEClassifier(torch.nn.Module):
 
 
 def train(cfg, data, seed, args, bar=None):
-    (xtr, ytr), _ = data
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    model = NSDEClassifier(xtr.shape[1], args.latent, args.hidden, args.sigma).double()
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    steps_per_epoch = math.ceil(len(ytr) / args.batch)
-    steps = args.epochs * steps_per_epoch
-    train_nfe, train_s, step = [], 0.0, 0
-    for epoch in range(args.epochs):
-        perm = torch.randperm(len(ytr), generator=gen)
-        for i in range(steps_per_epoch):
-            idx = perm[i * args.batch:(i + 1) * args.batch]
-            start = time.process_time()
-            sol = model.solve(xtr[idx], args.tol, seed=seed * 1_000_003 + step, local_regularizer=cfg.get("local"))
-            loss = torch.nn.functional.cross_entropy(model.head(sol.ys[-1]), ytr[idx])
-            loss = add_regularizers(loss, cfg, sol, step, steps)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            train_s += time.process_time() - start
-            train_nfe.append(int(sol.stats.nfe.max()))
-            step += 1
-            if bar is not None:
-                bar.update(1)
-    return model, train_s, train_nfe
+    model = NSDEClassifier(data[0][0].shape[1], args.latent, args.hidden, args.sigma).double()
+
+    def solve_batch(x, step, gen):
+        return model.solve(x, args.tol, seed=seed * 1_000_003 + step, local_regularizer=cfg.get("local"))
+
+    return train_classifier(model, data, cfg, seed, args, bar, solve_batch)
 
 
 def evaluate(model, data, args, repeats=3):
-    _, (xte, yte) = data
-    cpu = []
-    with torch.no_grad():
-        for _ in range(repeats):
-            start = time.process_time()
-            sol = model.solve(xte, args.tol, seed=PREDICT_SEED)
-            cpu.append(time.process_time() - start)
-        acc = (model.head(sol.ys[-1]).argmax(-1) == yte).double().mean().item() * 100
-    return acc, int(sol.stats.nfe.max()), int(sol.stats.naccept.max()), sorted(cpu)[len(cpu) // 2]
-
+    acc, sol, cpu = evaluate_classifier(model, data, lambda x: model.solve(x, args.tol, seed=PREDICT_SEED), repeats)
+    return acc, int(sol.stats.nfe.max()), int(sol.stats.naccept.max()), cpu
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
