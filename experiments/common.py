@@ -112,6 +112,21 @@ def evaluate_classifier(model, data, solve_test, repeats=3):
     return acc, sol, sorted(cpu)[len(cpu) // 2]
 
 
+def run_stamp():
+    """The first line of every report: when, where, with which torch, on one thread."""
+    import platform
+    import torch
+    return (f"{time.strftime('%Y-%m-%d %H:%M')} · {platform.node()} · {platform.platform()} · "
+            f"{platform.processor() or platform.machine()} · torch {torch.__version__} · 1 thread")
+
+
+def vanilla_means(results, keys):
+    """Mean over seeds of each key for the "vanilla" configuration (None when it was not run)."""
+    if "vanilla" not in results:
+        return None
+    return {k: statistics.mean(r[k] for r in results["vanilla"]) for k in keys}
+
+
 def mean_sd(xs):
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 

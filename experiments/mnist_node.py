@@ -28,7 +28,6 @@ import argparse
 import math
 import os
 import pathlib
-import platform
 import statistics
 import time
 
@@ -37,7 +36,7 @@ import torch
 
 import pybridge as pb
 from experiments.common import (add_run_arguments, evaluate_classifier, mean_sd, merge_saved, paper_lines,
-                                save_run, train_classifier)
+                                run_stamp, save_run, train_classifier, vanilla_means)
 
 PAPER = [  # REGULARIZATION.md (means)
     ("2021", "vanilla", "97.94 %", 253, "0.98 h", "0.094 s"),
@@ -208,16 +207,14 @@ def main(argv=None):
 
 
 def report(results, args, total, n_train, n_test):
-    stamp = (f"{time.strftime('%Y-%m-%d %H:%M')} · {platform.node()} · {platform.platform()} · "
-             f"{platform.processor() or platform.machine()} · torch {torch.__version__} · 1 thread")
+    stamp = run_stamp()
     setup = (f"{DATASETS[getattr(args, 'dataset', 'mnist5k')]}, {n_train} train / {n_test} test, {28 // args.pool}×{28 // args.pool} pixels, "
              f"latent {args.latent}, hidden {args.hidden}, {args.epochs} epochs, batch {args.batch}, Adam lr {args.lr:g}, "
              f"Tsit5 rtol {args.rtol:g} atol {args.atol:g} float64 lockstep, seeds {args.seeds}; whole run {total / 60:.1f} min wall. Times: CPU seconds (time.process_time).")
     header = (f"{'method':20s} {'test acc %':>14s} {'NFE at test':>14s} {'train CPU s':>14s} {'predict CPU ms':>14s}"
               f" {'NFE/van':>8s} {'train/van':>9s} {'pred speedup':>12s}")
     lines = [stamp, setup, "", "measured here (mean ± sd over seeds):", header, "-" * len(header)]
-    base = {k: statistics.mean(r[k] for r in results["vanilla"]) for k in ("acc", "nfe", "train_s", "predict_s")} \
-        if "vanilla" in results else None
+    base = vanilla_means(results, ("acc", "nfe", "train_s", "predict_s"))
     for name, rs in results.items():
         acc, nfe, tr, pr = (mean_sd([r[k] for r in rs]) for k in ("acc", "nfe", "train_s", "predict_s"))
         row = (f"{name:20s} {acc[0]:7.2f} ± {acc[1]:4.2f} {nfe[0]:7.1f} ± {nfe[1]:4.1f} {tr[0]:7.1f} ± {tr[1]:4.1f}"

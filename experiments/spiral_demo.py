@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import math
 import pathlib
-import platform
 import time
 
 import torch
 
 import pybridge as pb
-from experiments.common import schedule
+from experiments.common import run_stamp, schedule
 
 TRUE_A = torch.tensor([[-0.1, 2.0], [-2.0, -0.1]])
 
@@ -182,8 +181,7 @@ def main(argv=None):
             verdicts.append(f"  {name}: NFE {nfe / base[3]:.2f}x vanilla ({'met' if ok_nfe else 'MISSED'}), "
                             f"window L1 {wloss / base[6]:.2f}x ({'met' if ok_w else 'MISSED'}), "
                             f"test L1 {loss / base[2]:.2f}x vanilla ({'met' if ok_loss else 'MISSED'})")
-    stamp = (f"{time.strftime('%Y-%m-%d %H:%M')} · {platform.node()} · {platform.platform()} · "
-             f"{platform.processor() or platform.machine()} · torch {torch.__version__} · 1 thread · "
+    stamp = (f"{run_stamp()} · "
              f"{args.iters} iterations, seed {args.seed}, Tsit5 rtol {args.rtol:g}, atol {args.atol:g} (float64)")
     notes = [f"Target (issue #3): NFE ≤ {TARGET_NFE}× vanilla with L1 ≤ {TARGET_LOSS}× vanilla's (both L1s judged). One seed "
              "(--seed): the long-horizon L1 of window-trained models varies much between seeds, so read single-seed "
@@ -195,10 +193,10 @@ def main(argv=None):
              "A test L1 near or above the latter means the long-horizon trajectory is not fitted (see the plot) — "
              "phase drift alone makes even a good spiral score badly there, and a regularized model that "
              "collapses to a slow, smooth curve scores about the same as 'predict 0'.",
-             f"window L1 = the trained loss on 200 held-out length-10 windows (fixed draw); test L1 = mean |y_pred - y| over the whole trajectory (1000 points, t ∈ [0, 25]) solved from y0; "
-             f"NFE and predict time from that solve (median of 5). Times are CPU seconds of this 1-thread process "
-             f"(time.process_time: on a dedicated core they equal wall time; this machine's 2 cores are shared, "
-             f"so wall time would measure the neighbours). Train time excludes the NFE-curve evaluations.",
+             "window L1 = the trained loss on 200 held-out length-10 windows (fixed draw); test L1 = mean |y_pred - y| over the whole trajectory (1000 points, t ∈ [0, 25]) solved from y0; "
+             "NFE and predict time from that solve (median of 5). Times are CPU seconds of this 1-thread process "
+             "(time.process_time: on a dedicated core they equal wall time; this machine's 2 cores are shared, "
+             "so wall time would measure the neighbours). Train time excludes the NFE-curve evaluations.",
              f"whole run: {total:.0f} s wall, {total_cpu:.0f} s CPU (wall exceeds CPU when other jobs share the cores)"]
     print(stamp)
     print("\n".join(lines + notes))
