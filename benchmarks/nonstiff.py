@@ -398,15 +398,9 @@ def plot(wps, path):
                 if pts:
                     ax.loglog([p["err"] for p in pts], [p[key] for p in pts],
                               "-o" if n.startswith("pybridge") else "--s", ms=4, label=n)
-            ax.set_title(f"{wp['title']}: {key}", fontsize=9)
-            ax.set_xlabel("achieved error (max abs)")
-            ax.set_ylabel("NFE (max over samples)" if key == "nfe" else "wall (s)")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=6)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+            report.finish_loglog_axes(ax, f"{wp['title']}: {key}", "achieved error (max abs)",
+                                      "NFE (max over samples)" if key == "nfe" else "wall (s)")
+    report.save_figure(fig, path)
 
 
 def main(argv=None):

@@ -489,15 +489,8 @@ def plot(results, path):
                 if pts:
                     ax.loglog([p["err"] for p in pts], [p["per_sample"] for p in pts], styles[lib_of[name]],
                               label=name, ms=4)
-            ax.set_title(f"{title}: {mode}", fontsize=9)
-            ax.set_xlabel("achieved error")
-            ax.set_ylabel("wall per sample (s)")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=6)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+            report.finish_loglog_axes(ax, f"{title}: {mode}", "achieved error", "wall per sample (s)")
+    report.save_figure(fig, path)
 
 
 def main(argv=None):
