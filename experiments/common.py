@@ -68,6 +68,25 @@ def save_run(out_dir, name, text, payload, results, curves, metric, metric_label
     print(f"saved {out / name}.txt, .json and .png")
 
 
+def run_grid(args, steps, desc, run_one, name_width=20):
+    """Every configuration of args.configs on every seed of args.seeds under one progress bar of
+    `steps` training steps each. run_one(name, seed, bar) -> (result dict, training curve, a line
+    to print). Returns (results {name: [dict(seed=..., **result)]}, curves {name: [curve]}, wall s)."""
+    from tqdm import tqdm
+    results = {name: [] for name in args.configs}
+    curves = {name: [] for name in args.configs}
+    wall0 = time.perf_counter()
+    with tqdm(total=steps * len(args.configs) * len(args.seeds), desc=desc, unit="step") as bar:
+        for seed in args.seeds:
+            for name in args.configs:
+                bar.set_postfix_str(f"seed {seed} · {name}")
+                result, curve, line = run_one(name, seed, bar)
+                results[name].append(dict(seed=seed, **result))
+                curves[name].append(curve)
+                tqdm.write(f"seed {seed} {name:{name_width}s} {line}")
+    return results, curves, time.perf_counter() - wall0
+
+
 def train_classifier(model, data, cfg, seed, args, bar, solve_batch):
     """Adam on cross-entropy of model.head(z(t1)) plus the configuration's regularizers, shuffled
     batches of args.batch for args.epochs. solve_batch(x, step, gen) -> Solution. Returns (model,

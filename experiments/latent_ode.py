@@ -39,7 +39,7 @@ import torch
 
 import pybridge as pb
 from experiments.common import (add_regularizers, add_run_arguments, load_saved, mean_sd, merge_saved,
-                                merged_note, paper_lines, run_stamp, save_run, vanilla_means)
+                                merged_note, paper_lines, run_grid, run_stamp, save_run, vanilla_means)
 
 PAPER = [  # REGULARIZATION.md (PhysioNet, means)
     ("2021", "vanilla", "3.55e-3", 733, "1.75 h", "0.53 s"),
@@ -201,7 +201,6 @@ def main(argv=None):
                          "latent_ode_sweep.txt/.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    from tqdm import tqdm
 
     if args.quick:
         args.seeds, args.epochs, args.subjects = args.seeds[:1], 2, 100
@@ -211,19 +210,14 @@ def main(argv=None):
     if args.sweep_error:
         return sweep_error(data, args)
     steps = args.epochs * math.ceil(n_train / args.batch)
-    results = {n: [] for n in args.configs}
-    curves = {n: [] for n in args.configs}
-    wall0 = time.perf_counter()
-    with tqdm(total=steps * len(args.configs) * len(args.seeds), desc="latent_ode", unit="step") as bar:
-        for seed in args.seeds:
-            for name in args.configs:
-                bar.set_postfix_str(f"seed {seed} · {name}")
-                model, train_s, curve = train(CONFIGS[name], data, seed, args, bar)
-                mse, nfe, pred_s = evaluate(model, data, args)
-                results[name].append(dict(seed=seed, mse=mse, nfe=nfe, train_s=train_s, predict_s=pred_s))
-                curves[name].append(curve)
-                tqdm.write(f"seed {seed} {name:20s} test MSE {mse:.4g}  NFE {nfe:4d}  train {train_s:6.1f} s  predict {pred_s * 1e3:6.1f} ms")
-    total = time.perf_counter() - wall0
+
+    def run_one(name, seed, bar):
+        model, train_s, curve = train(CONFIGS[name], data, seed, args, bar)
+        mse, nfe, pred_s = evaluate(model, data, args)
+        line = f"test MSE {mse:.4g}  NFE {nfe:4d}  train {train_s:6.1f} s  predict {pred_s * 1e3:6.1f} ms"
+        return dict(mse=mse, nfe=nfe, train_s=train_s, predict_s=pred_s), curve, line
+
+    results, curves, total = run_grid(args, steps, "latent_ode", run_one)
     trained_now = list(results)
     if args.add:
         results, curves, total = merge_saved(pathlib.Path(args.out) / "latent_ode.json", results, curves, args, total,

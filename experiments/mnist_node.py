@@ -29,14 +29,13 @@ import math
 import os
 import pathlib
 import statistics
-import time
 
 import numpy as np
 import torch
 
 import pybridge as pb
 from experiments.common import (add_run_arguments, evaluate_classifier, mean_sd, merge_saved, paper_lines,
-                                run_stamp, save_run, train_classifier, vanilla_means)
+                                run_grid, run_stamp, save_run, train_classifier, vanilla_means)
 
 PAPER = [  # REGULARIZATION.md (means)
     ("2021", "vanilla", "97.94 %", 253, "0.98 h", "0.094 s"),
@@ -171,7 +170,6 @@ def main(argv=None):
     add_run_arguments(ap, CONFIGS, "smoke run: 1 seed, 1 epoch on 1024 digits, results not saved")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    from tqdm import tqdm
 
     data = load_mnist(args.pool) if args.dataset == "mnist5k" else load_fashion(args.pool)
     out_name = "mnist_node" if args.dataset == "mnist5k" else "fashion_node"
@@ -180,19 +178,14 @@ def main(argv=None):
         (xtr, ytr), test = data
         data = ((xtr[:1024], ytr[:1024]), test)
     steps = args.epochs * math.ceil(len(data[0][1]) / args.batch)
-    results = {name: [] for name in args.configs}
-    curves = {name: [] for name in args.configs}
-    wall0 = time.perf_counter()
-    with tqdm(total=steps * len(args.configs) * len(args.seeds), desc=out_name, unit="step") as bar:
-        for seed in args.seeds:
-            for name in args.configs:
-                bar.set_postfix_str(f"seed {seed} · {name}")
-                model, train_s, train_nfe = train(CONFIGS[name], data, seed, args, bar)
-                acc, nfe, pred_s = evaluate(model, data, args)
-                results[name].append(dict(seed=seed, acc=acc, nfe=nfe, train_s=train_s, predict_s=pred_s))
-                curves[name].append(train_nfe)
-                tqdm.write(f"seed {seed} {name:20s} acc {acc:6.2f} %  NFE {nfe:4d}  train {train_s:6.1f} s  predict {pred_s * 1e3:6.1f} ms")
-    total = time.perf_counter() - wall0
+
+    def run_one(name, seed, bar):
+        model, train_s, train_nfe = train(CONFIGS[name], data, seed, args, bar)
+        acc, nfe, pred_s = evaluate(model, data, args)
+        line = f"acc {acc:6.2f} %  NFE {nfe:4d}  train {train_s:6.1f} s  predict {pred_s * 1e3:6.1f} ms"
+        return dict(acc=acc, nfe=nfe, train_s=train_s, predict_s=pred_s), train_nfe, line
+
+    results, curves, total = run_grid(args, steps, out_name, run_one)
     if args.add:
         results, curves, total = merge_saved(pathlib.Path(args.out) / f"{out_name}.json", results, curves, args, total,
                                              SETTINGS, CONFIGS)

@@ -29,13 +29,12 @@ import argparse
 import math
 import pathlib
 import statistics
-import time
 
 import torch
 
 import pybridge as pb
 from experiments.common import (add_run_arguments, evaluate_classifier, mean_sd, merge_saved, paper_lines,
-                                run_stamp, save_run, train_classifier, vanilla_means)
+                                run_grid, run_stamp, save_run, train_classifier, vanilla_means)
 from experiments.mnist_node import load_mnist
 
 PAPER = [  # REGULARIZATION.md (means); the 2021 SDE NFE ratio is the 0.729–0.733× range
@@ -121,7 +120,6 @@ def main(argv=None):
     add_run_arguments(ap, CONFIGS, "smoke run: 1 seed, 1 epoch on 512 digits, results not saved")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    from tqdm import tqdm
 
     data = load_mnist(args.pool)
     if args.quick:
@@ -129,20 +127,15 @@ def main(argv=None):
         (xtr, ytr), test = data
         data = ((xtr[:512], ytr[:512]), test)
     steps = args.epochs * math.ceil(len(data[0][1]) / args.batch)
-    results = {name: [] for name in args.configs}
-    curves = {name: [] for name in args.configs}
-    wall0 = time.perf_counter()
-    with tqdm(total=steps * len(args.configs) * len(args.seeds), desc="mnist_nsde", unit="step") as bar:
-        for seed in args.seeds:
-            for name in args.configs:
-                bar.set_postfix_str(f"seed {seed} · {name}")
-                model, train_s, train_nfe = train(CONFIGS[name], data, seed, args, bar)
-                acc, nfe, naccept, pred_s = evaluate(model, data, args)
-                results[name].append(dict(seed=seed, acc=acc, nfe=nfe, steps=naccept, train_s=train_s, predict_s=pred_s))
-                curves[name].append(train_nfe)
-                tqdm.write(f"seed {seed} {name:26s} acc {acc:6.2f} %  NFE {nfe:4d}  steps {naccept:3d}  "
-                           f"train {train_s:6.1f} s  predict {pred_s * 1e3:6.1f} ms")
-    total = time.perf_counter() - wall0
+
+    def run_one(name, seed, bar):
+        model, train_s, train_nfe = train(CONFIGS[name], data, seed, args, bar)
+        acc, nfe, naccept, pred_s = evaluate(model, data, args)
+        line = (f"acc {acc:6.2f} %  NFE {nfe:4d}  steps {naccept:3d}  train {train_s:6.1f} s  "
+                f"predict {pred_s * 1e3:6.1f} ms")
+        return dict(acc=acc, nfe=nfe, steps=naccept, train_s=train_s, predict_s=pred_s), train_nfe, line
+
+    results, curves, total = run_grid(args, steps, "mnist_nsde", run_one, name_width=26)
     if args.add:
         results, curves, total = merge_saved(pathlib.Path(args.out) / "mnist_nsde.json", results, curves, args,
                                              total, SETTINGS, list(CONFIGS))
