@@ -85,9 +85,9 @@ def make_problem(dtype):
 # ---------------------------------------------------------------------------------------------
 # One solve per library; each returns (ys (T, B, n), nfe_max, nfe_mean)
 
-def run_pybridge(solver, batch):
+def run_pybridge(solver, batch, compile=False):
     def go(f, y0, t, rtol, atol):
-        sol = pb.solve(pb.ODEProblem(f, y0, t), solver, rtol=rtol, atol=atol, batch=batch)
+        sol = pb.solve(pb.ODEProblem(f, y0, t), solver, rtol=rtol, atol=atol, batch=batch, compile=compile)
         nfe = sol.stats.nfe.reshape(-1).double()
         return sol.ys, int(nfe.max()), float(nfe.mean())
     return go
@@ -120,6 +120,10 @@ CONTENDERS = [
     ("pybridge Tsit5, independent", run_pybridge(pb.Tsit5(), "independent")),
     ("pybridge DP5, lockstep", run_pybridge(pb.DP5(), "lockstep")),
     ("pybridge DP5, independent", run_pybridge(pb.DP5(), "independent")),
+    # compile=True: each loop iteration as one torch.compile'd graph (the warm-up solve compiles).
+    ("pybridge Tsit5, lockstep, compile=True", run_pybridge(pb.Tsit5(), "lockstep", compile=True)),
+    ("pybridge Tsit5, independent, compile=True", run_pybridge(pb.Tsit5(), "independent", compile=True)),
+    ("pybridge DP5, lockstep, compile=True", run_pybridge(pb.DP5(), "lockstep", compile=True)),
     ("torchdiffeq dopri5", run_torchdiffeq),
     ("torchode tsit5 (IntegralController)", run_torchode),
 ]
@@ -127,8 +131,11 @@ CONTENDERS = [
 
 def time_call(fn, repeats, between=None):
     """Median wall and median process-CPU time of `repeats` calls after a warm-up call.
-    `between()` runs after each call (the network timing, interleaved so both see the same load)."""
+    `between()` runs after each call (the network timing, interleaved so both see the same load).
+    Also returns the warm-up call's wall time (for compile=True, the compilation)."""
+    start = time.perf_counter()
     fn()  # warm-up
+    first = time.perf_counter() - start
     walls, cpus = [], []
     for _ in range(repeats):
         start, cstart = time.perf_counter(), time.process_time()
@@ -137,7 +144,7 @@ def time_call(fn, repeats, between=None):
         walls.append(time.perf_counter() - start)
         if between is not None:
             between()
-    return statistics.median(walls), statistics.median(cpus), out
+    return statistics.median(walls), statistics.median(cpus), out, first
 
 
 def network_call_time(f, y0, t0, blocks=20, calls=200):
@@ -167,14 +174,14 @@ def overhead_table(repeats):
                 # The network is re-timed between this contender's solves (shared machines drift):
                 # blocks of 100 calls (about one solve's worth), medians on both sides of the ratio.
                 net = []
-                wall, cpu, (ys, nfe_max, nfe_mean) = time_call(
+                wall, cpu, (ys, nfe_max, nfe_mean), first = time_call(
                     lambda: go(f, y0, t, RTOL, ATOL), repeats,
                     between=lambda: net.append(network_call_time(f, y0, t[0], blocks=2, calls=100)))
                 net_wall = statistics.median(w for w, _ in net)
                 net_cpu = statistics.median(c for _, c in net)
                 if not torch.isfinite(ys).all():
                     raise RuntimeError("non-finite values in ys")
-                rows.append(dict(name=name, wall=wall, nfe=nfe_max, nfe_mean=nfe_mean, net=net_wall,
+                rows.append(dict(name=name, wall=wall, first=first, nfe=nfe_max, nfe_mean=nfe_mean, net=net_wall,
                                  overhead=wall / (nfe_max * net_wall), per_call=wall / nfe_max - net_wall,
                                  overhead_cpu=cpu / (nfe_max * net_cpu)))
             except Exception as exc:  # report, do not hide
@@ -272,19 +279,23 @@ def render(t_net, t_net_after, rows, ref_diff, curves, repeats, total):
          f"Wall = median of {repeats} solves after a warm-up. "
          "Overhead = wall / (NFE × f call); NFE for independent mode is the max over samples "
          "(= batched network calls), mean in brackets. The CPU-time column is the same ratio with "
-         "process CPU time in both numerator and denominator (less sensitive to other load on a shared machine).", "",
+         "process CPU time in both numerator and denominator (less sensitive to other load on a shared machine). "
+         "'First solve' is the warm-up solve's wall time: for `compile=True` rows it includes torch.compile's "
+         "compilation of the loop iteration (paid once per problem shape and solver in a process).", "",
          f"### Overhead at rtol {RTOL:g} (target ≤ {OVERHEAD_TARGET}; issue quotes torchdiffeq ≈ "
          f"{TORCHDIFFEQ_ISSUE_OVERHEAD})", "",
-         "| solver | wall (ms) | NFE (mean) | f call (µs) | solver cost per call (µs) | overhead | overhead (CPU time) | ≤ 1.5 |",
-         "|---|---:|---:|---:|---:|---:|---:|---|"]
+         "| solver | wall (ms) | first solve (ms) | NFE (mean) | f call (µs) | solver cost per call (µs) | overhead "
+         "| overhead (CPU time) | ≤ 1.5 |",
+         "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if "error" in r:
-            L.append(f"| {r['name']} | — | — | — | — | — | — | error: `{r['error']}` |")
+            L.append(f"| {r['name']} | — | — | — | — | — | — | — | error: `{r['error']}` |")
             continue
         pyb = r["name"].startswith("pybridge")
         verdict = ("**met**" if r["overhead"] <= OVERHEAD_TARGET else "**missed**") if pyb else \
             ("(reference) met" if r["overhead"] <= OVERHEAD_TARGET else "(reference) above")
-        L.append(f"| {r['name']} | {r['wall'] * 1e3:.1f} | {r['nfe']} ({r['nfe_mean']:.1f}) | {r['net'] * 1e6:.1f} | "
+        L.append(f"| {r['name']} | {r['wall'] * 1e3:.1f} | {r['first'] * 1e3:.0f} | {r['nfe']} ({r['nfe_mean']:.1f}) | "
+                 f"{r['net'] * 1e6:.1f} | "
                  f"{r['per_call'] * 1e6:.1f} | {r['overhead']:.2f} | {r['overhead_cpu']:.2f} | {verdict} |")
     refline = (f"Reference: pybridge Vern7, rtol 1e-12, atol 1e-14, float64, lockstep; it differs from "
                f"torchdiffeq dopri5 at the same tolerances by {ref_diff:.1e} (max abs).") \

@@ -199,8 +199,9 @@ class _Backward:
 
     def __init__(self, ctx, ys, params):
         prob, self.adj, self.solver = ctx.prob, ctx.adjoint, ctx.solver
-        # The backward solves take no regularization probe: that belongs to the forward solve.
-        self.opts = {k: v for k, v in ctx.options.items() if k not in ("local_regularizer", "seed")}
+        # The backward solves take no regularization probe: that belongs to the forward solve. Nor
+        # compile: their right-hand sides call autograd (vector-Jacobian products), which it cannot trace.
+        self.opts = {k: v for k, v in ctx.options.items() if k not in ("local_regularizer", "seed", "compile")}
         self.f, self.params, self.dense, self.stats = prob.f, params, ctx.dense, ctx.stats
         self.prob = prob
         self.B = B = prob.batch_size

@@ -30,7 +30,7 @@ def solve(prob: ODEProblem, solver: Optional[Solver] = None, *, engine: str = "t
           raise_on_failure: bool = False, adjoint: Optional[Adjoint] = None,
           adjoint_params: Optional[Sequence[torch.Tensor]] = None,
           local_regularizer: Optional[str] = None, seed: Optional[int] = None,
-          progress: bool = False, brownian=None) -> Solution:
+          progress: bool = False, brownian=None, compile: bool = False) -> Solution:
     """Solve `prob` with `solver` (default Tsit5()) and return a Solution (see its docstring).
 
     Shapes: prob.y0 is one sample (*shape) or a batch (B, *shape); prob.t is (T,) or (B, T).
@@ -52,6 +52,10 @@ def solve(prob: ODEProblem, solver: Optional[Solver] = None, *, engine: str = "t
     pb.ReversibleAdjoint() with pb.ReversibleHeun() gives O(1)-memory exact gradients.
     progress: show a tqdm bar over the integration span (torch engine; the slowest running
     sample's progress; read in the loop's one host transfer per step, so no extra syncs).
+    compile: run each loop iteration (step, error norm, controller, bookkeeping) as one
+    torch.compile'd graph (torch engine; explicit RK and Rosenbrock solvers). Pays off on small
+    problems, where dispatching a few hundred small ops per step costs more than the arithmetic;
+    the first solve of each shape compiles (seconds to a minute).
     """
     is_sde = isinstance(prob, SDEProblem)
     if solver is None:
@@ -109,6 +113,15 @@ def solve(prob: ODEProblem, solver: Optional[Solver] = None, *, engine: str = "t
     if local_regularizer not in (None, "unbiased", "biased"):
         raise ValueError(f"local_regularizer must be None, 'unbiased' or 'biased'; got {local_regularizer!r}")
     local = dict(local_regularizer=local_regularizer, seed=seed) if local_regularizer else {}
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False; got {compile!r}")
+    if compile and engine != "torch":
+        raise ValueError(f"compile=True is available on the torch engine only; got engine={engine!r}")
+    if compile and solver.family not in ("explicit_rk", "rosenbrock"):
+        # ESDIRK Newton iterations, auto-switching and SDE steps (the Brownian tree's walk) decide
+        # on the host how far to loop: none of them traces into one graph.
+        raise ValueError(f"compile=True is available for the explicit Runge–Kutta and Rosenbrock solvers "
+                         f"(Tsit5(), Vern7(), Rodas5P(), ...); got solver={solver!r}")
     if progress and engine != "torch":
         raise ValueError(f"progress=True is available on the torch engine only; got engine={engine!r}")
     if progress:
@@ -118,11 +131,12 @@ def solve(prob: ODEProblem, solver: Optional[Solver] = None, *, engine: str = "t
         bar = contextlib.nullcontext()
     options = dict(rtol=rtol, atol=atol, dt=dt, adaptive=adaptive, dtmin=dtmin, dtmax=dtmax,
                    max_steps=max_steps, dense=dense, lockstep=lockstep)
+    torch_options = dict(options, compile=compile)
 
     if is_sde:
         from .sde_adjoint import solve_sde_dispatch
         with bar:
-            sol = solve_sde_dispatch(prob, solver, adjoint, adjoint_params, options, differentiable_dt=differentiable_dt,
+            sol = solve_sde_dispatch(prob, solver, adjoint, adjoint_params, torch_options, differentiable_dt=differentiable_dt,
                                      brownian=brownian, seed=seed, local_regularizer=local_regularizer)
     elif engine == "julia":
         from .julia_engine import solve_ode as julia_solve
@@ -134,9 +148,9 @@ def solve(prob: ODEProblem, solver: Optional[Solver] = None, *, engine: str = "t
                              "pass adaptive=False with dt=...")
         with bar:
             if isinstance(adjoint, DiscreteAdjoint):
-                sol = solve_ode(prob, solver, differentiable_dt=differentiable_dt, **options, **local)
+                sol = solve_ode(prob, solver, differentiable_dt=differentiable_dt, **torch_options, **local)
             else:
-                sol = adjoint.solve(prob, solver, adjoint_params, dict(options, **local))
+                sol = adjoint.solve(prob, solver, adjoint_params, dict(torch_options, **local))
     _report_failures(sol, raise_on_failure)
     return sol
 

@@ -50,6 +50,8 @@ def constant(value, like: torch.Tensor) -> torch.Tensor:
     A Python number in a tensor op is wrapped and converted to the op's dtype on every call
     (torch.where even builds a new tensor), which costs as much as the op itself; the result is
     the same, the number being rounded to the dtype either way."""
+    if torch.compiler.is_compiling():  # a graph constant there (the compiler folds it; no cache to trace)
+        return torch.tensor(value, dtype=like.dtype, device=like.device)
     return _constant(value, like.dtype, like.device)
 
 

@@ -99,7 +99,7 @@ def check_output(out, y0, shape):
 
 
 def solve_ode(prob, solver, *, rtol, atol, dt, adaptive, dtmin, dtmax, max_steps, dense, lockstep,
-              differentiable_dt, f=None, local_regularizer=None, seed=None):
+              differentiable_dt, f=None, local_regularizer=None, seed=None, compile=False):
     y0 = prob.y0
     B = prob.batch_size
     n = y0.numel() // B
@@ -117,7 +117,8 @@ def solve_ode(prob, solver, *, rtol, atol, dt, adaptive, dtmin, dtmax, max_steps
     stop_at_saves = method.interpolation_order < method.order - 1
     opts = LoopOptions(adaptive=adaptive, dt=dt, dtmin=dtmin, dtmax=dtmax, max_steps=max_steps,
                        lockstep=lockstep, dense=dense, differentiable_dt=differentiable_dt,
-                       stop_at_saves=stop_at_saves, controller=getattr(method, "controller", None))
+                       stop_at_saves=stop_at_saves, controller=getattr(method, "controller", None),
+                       compile=compile)
     if local_regularizer is not None:
         opts.probe = _probe(local_regularizer, seed, tau_save, lockstep)
     atol, rtol = _per_component(atol, prob), _per_component(rtol, prob)

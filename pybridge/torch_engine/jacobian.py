@@ -28,7 +28,9 @@ class AutodiffJacobian:
         user_jac = getattr(rhs, "jacobian", None)
         J = user_jac(t, y) if user_jac is not None else None
         uses_time = True
-        if J is None:
+        if J is None and torch.compiler.is_compiling():
+            J = _functional_jacobian(rhs, t, y)  # autograd.grad does not trace; torch.func does
+        elif J is None:
             J, uses_time = self._reverse(rhs, t, y)
         if not with_time:
             return J, None
@@ -70,6 +72,13 @@ class AutodiffJacobian:
         """∂f/∂t per sample by one forward-mode product along the time direction (the time may be
         passed to f as one shared scalar, which a reverse pass could not split by sample)."""
         return jvp(lambda tt: rhs(tt, y), (t,), (torch.ones_like(t),))[1]
+
+
+def _functional_jacobian(rhs, t, y):
+    """The same (B, n, n) Jacobian by torch.func.jacrev of the batch-summed output (the form
+    torch.compile can trace); samples are independent, so row i of Σ_b f_b is row i of every J_b."""
+    rows = torch.func.jacrev(lambda yy: rhs(t, yy).sum(0))(y)  # (n, B, n)
+    return rows.transpose(0, 1)
 
 
 def _reaches_other_leaf(out, own_leaves):

@@ -15,8 +15,9 @@ already accounts for the sign.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -43,6 +44,7 @@ class LoopOptions:
     # ("unbiased", tau_reg (B,)) interpolates at a time drawn uniformly in the span;
     # ("biased", torch.Generator) picks uniformly among the accepted step ends (reservoir sampling).
     probe: Optional[tuple] = None
+    compile: bool = False               # run each iteration's tensor work as one torch.compile'd graph
 
 
 @dataclass
@@ -60,6 +62,123 @@ class LoopResult:
     counters: Optional[dict] = None     # extra per-sample counts a method reports (njac, nlu, ...)
 
 
+class Iteration(NamedTuple):
+    """What one iteration computes; the loop keeps the records (trace, saves, counts) of it."""
+    tau_new: torch.Tensor               # (B,) where each sample is after this iteration
+    y_new: torch.Tensor                 # (B, n)
+    k1: torch.Tensor                    # (B, n) f(tau_new, y_new)
+    dt: torch.Tensor                    # (B,) next step to try
+    errold: torch.Tensor                # (B,) the controller's memory
+    status: torch.Tensor                # (B,) return codes
+    running: torch.Tensor               # (B,) still integrating
+    step: tuple                         # the method's step (RKStep or the family's own)
+    h: torch.Tensor                     # (B,) the step tried (0 for inactive samples)
+    eest: torch.Tensor                  # (B,)
+    accept: torch.Tensor                # (B,)
+    hit: torch.Tensor                   # (B,) the step aimed exactly at the target
+    target: torch.Tensor                # (B,) the time aimed at (the end, or the next save point)
+    f_end: torch.Tensor                 # (B, n) f at the proposed step end
+    extra_eval: Optional[torch.Tensor]  # (B,) samples that paid an evaluation for f_end (no FSAL)
+    stiffness: Optional[torch.Tensor]   # (B,) the stiffness estimate, or None when deferred ...
+    stiffness_terms: Optional[tuple]    # ... to these terms (batched later, see _flush_stiffness)
+
+
+class Advance:
+    """The tensor work of one loop iteration: pick each sample's step, take it, judge it, propose the
+    next. Pure (no host reads, no Python state changed), so torch.compile can fuse it whole."""
+
+    def __init__(self, rhs, method, norm, controller, opts, atol, rtol, tau_save, dtmax):
+        self.rhs, self.method, self.norm, self.controller, self.opts = rhs, method, norm, controller, opts
+        self.atol, self.rtol, self.tau_save, self.dtmax = atol, rtol, tau_save, dtmax
+        self.tau_end = tau_save[:, -1]
+        eps = torch.finfo(tau_save.dtype).eps
+        self.end_slack = 100 * eps * torch.clamp(self.tau_end.abs(), min=1.0)
+        self.slack_factor, self.dtmin_factor = constant(100 * eps, tau_save), constant(10 * eps, tau_save)
+        self.zero, self.inf, self.one = (constant(v, tau_save) for v in (0.0, math.inf, 1.0))
+        self.nan = torch.tensor(math.nan, dtype=tau_save.dtype, device=tau_save.device)  # (NaN misses the cache)
+        # Return codes as cached 0-d tensors (a Python number in torch.where costs a conversion per call).
+        code_like = torch.zeros((), dtype=torch.long, device=tau_save.device)
+        self.code = {rc: constant(int(rc), code_like) for rc in ReturnCode}
+        self.defer_stiffness = hasattr(method, "stiffness_terms")
+        # Fixed steps cannot retry; in lockstep one dt serves everyone, so a diverging sample is
+        # stopped rather than allowed to shrink the batch's step. Otherwise it retries smaller.
+        self.stop_diverged = not opts.adaptive or opts.lockstep
+
+    def __call__(self, tau, y, dt, k1, errold, status, active, next_save) -> Iteration:
+        opts, method, code = self.opts, self.method, self.code
+        T = self.tau_save.shape[1]
+        # Steps never pass the end, nor, for methods without a good interpolant, the next save point.
+        if opts.stop_at_saves:
+            target = torch.gather(self.tau_save, 1, next_save.clamp(max=T - 1)[:, None])[:, 0]
+            # The slack is relative to the target being aimed at (a save point far below t_end must
+            # not inherit t_end's slack, or a retry towards it could never shrink).
+            slack = torch.clamp(target.abs(), min=1.0) * self.slack_factor
+        else:
+            target, slack = self.tau_end, self.end_slack
+        remaining = target - tau
+        hit = active & (dt >= remaining - slack)
+        h = torch.where(hit, remaining, torch.where(active, dt, self.zero))   # hit ⊆ active
+        step = method.step(self.rhs, tau, y, h, k1)
+
+        finite_y1 = rows_finite(step.y1)
+        if step.err is not None:
+            eest = error_norm(self.norm, step.err, y, step.y1, self.atol, self.rtol, valid=active)
+        else:
+            eest = self.nan.expand(tau.shape)
+        # A method may reject a sample's step itself (an implicit solve that did not converge).
+        failed = getattr(step, "failed", None)
+        accept = active & finite_y1 if failed is None else active & finite_y1 & ~failed
+        if opts.adaptive:
+            accept = accept & (eest <= self.one)
+
+        hit_accept = hit & accept
+        # The step that reaches the end time (target is tau_end unless stopping at save points).
+        finishing = hit_accept if not opts.stop_at_saves else hit_accept & (target == self.tau_end)
+        tau_new = torch.where(accept, torch.where(hit, target, tau + h), tau)
+        accept_col = accept[:, None]
+        y_new = torch.where(accept_col, step.y1, y)
+        f_end = method.end_derivative(step)
+        extra_eval = None
+        if f_end is None:
+            f_end = self.rhs(tau_new, y_new)
+            extra_eval = accept
+        k1 = torch.where(accept_col, f_end, k1)
+        stiff, stiff_terms = None, None
+        if self.defer_stiffness:
+            stiff_terms = method.stiffness_terms(step, step.y1, f_end)
+        else:
+            stiff = method.stiffness(step, step.y1, f_end, self.norm)
+
+        if opts.adaptive:
+            eest_ctrl = eest if opts.differentiable_dt or not eest.requires_grad else eest.detach()
+            dt_new, errold = self.controller.propose(h, eest_ctrl, errold, accept)
+            # A step shortened to land on a target says nothing about the size the problem allows.
+            dt_new = torch.where(hit_accept, torch.maximum(dt_new, dt), dt_new)
+            dt_new = torch.minimum(dt_new, self.dtmax)
+            dtmin = torch.clamp(tau.abs(), min=1.0) * self.dtmin_factor
+            if opts.dtmin > 0:
+                dtmin = torch.clamp(dtmin, min=opts.dtmin)
+            too_small = (active ^ finishing) & (dt_new < dtmin)  # finishing ⊆ active: active & ~finishing
+            status = torch.where(too_small, torch.where(eest < self.inf, code[ReturnCode.DtLessThanMin],
+                                                        code[ReturnCode.Unstable]), status)
+            if failed is not None:
+                status = torch.where(too_small & failed, code[ReturnCode.ConvergenceFailure], status)
+            dt = torch.where(active, dt_new, dt)
+        if self.stop_diverged:
+            status = torch.where(active & ~finite_y1, code[ReturnCode.Unstable], status)
+        if failed is not None and not opts.adaptive:
+            # A fixed step cannot shrink: an implicit solve that did not converge ends the sample.
+            status = torch.where(active & failed, code[ReturnCode.ConvergenceFailure], status)
+        status = torch.where(finishing, code[ReturnCode.Success], status)
+        running = status == RUNNING
+        return Iteration(tau_new, y_new, k1, dt, errold, status, running, step, h, eest, accept, hit, target,
+                         f_end, extra_eval, stiff, stiff_terms)
+
+
+def _compiled(advance):
+    return torch.compile(advance, dynamic=False)
+
+
 def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, atol, rtol,
               opts: LoopOptions) -> LoopResult:
     B, n = y0.shape
@@ -73,8 +192,6 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
     tau_end = tau_save[:, -1]
     span = tau_end - tau
     dtmax = span if opts.dtmax is None else torch.clamp(span, max=opts.dtmax)
-    eps = torch.finfo(dtype).eps
-    end_slack = 100 * eps * torch.clamp(tau_end.abs(), min=1.0)
 
     nfe = torch.ones(B, dtype=torch.long, device=device)
     y = y0
@@ -89,7 +206,7 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
         if not opts.differentiable_dt:
             dt = dt.detach()
         if opts.lockstep:
-            dt = dt.min().expand(B)
+            dt = dt.min().expand(B).contiguous()  # (one layout for every iteration: no recompiles)
     errold = controller.initial_errold(tau)
     status = torch.full((B,), RUNNING, dtype=torch.long, device=device)
     counters = {}
@@ -100,100 +217,39 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
 
     saved_vals, saved_idx = [], []
     defer_saves = not opts.stop_at_saves   # stop_at_saves needs next_save every step
-    defer_stiffness = hasattr(method, "stiffness_terms")
     stiff_pending = []
     pending, pending_size = [], 0
     trace = {k: [] for k in ("t", "dt", "eest", "stiffness", "accept")}
     dense = {k: [] for k in ("tau", "h", "y0", "ks", "y1", "f1")} if opts.dense else None
     next_save = torch.ones(B, dtype=torch.long, device=device)
-    nan = torch.tensor(float("nan"), dtype=dtype, device=device)
-    zero = constant(0.0, tau)
-    inf = constant(float("inf"), y0)
-    one = constant(1.0, y0)
-    slack_factor, dtmin_factor = constant(100 * eps, tau), constant(10 * eps, tau)
-    # Return codes as cached 0-d tensors (a Python number in torch.where costs a conversion per call).
     code = {rc: constant(int(rc), status) for rc in ReturnCode}
     probe_tau, probe_y = tau.clone(), y0.detach()
     probe_count = torch.zeros(B, dtype=dtype, device=device)
 
-    # Fixed steps cannot retry; in lockstep one dt serves everyone, so a diverging sample is
-    # stopped rather than allowed to shrink the batch's step. Otherwise it retries smaller.
-    stop_diverged = not opts.adaptive or opts.lockstep
     on_progress = progress_hook()
+
+    advance = Advance(rhs, method, norm, controller, opts, atol, rtol, tau_save, dtmax)
+    if opts.compile:
+        # The iteration's tensor work as one compiled graph (fused kernels instead of ~400 dispatched
+        # ops); the first solve of a shape pays the compilation (seconds), later ones reuse it.
+        advance = _compiled(advance)
 
     active = status == RUNNING
     while True:
         n_iter += 1
-        # Steps never pass the end, nor, for methods without a good interpolant, the next save point.
-        if opts.stop_at_saves:
-            target = torch.gather(tau_save, 1, next_save.clamp(max=T - 1)[:, None])[:, 0]
-        else:
-            target = tau_end
-        remaining = target - tau
-        # The slack is relative to the target being aimed at (a save point far below t_end must
-        # not inherit t_end's slack, or a retry towards it could never shrink).
-        slack = end_slack if not opts.stop_at_saves else torch.clamp(target.abs(), min=1.0) * slack_factor
-        hit = active & (dt >= remaining - slack)
-        h = torch.where(hit, remaining, torch.where(active, dt, zero))   # hit ⊆ active
-        step = method.step(rhs, tau, y, h, k1)
+        it = advance(tau, y, dt, k1, errold, status, active, next_save)
+        step, status, running = it.step, it.status, it.running
         actives.append(active)
         step_nfes.append(step.nfe)
         for key, count in (getattr(step, "stats", None) or {}).items():
             counters[key] = counters.get(key, 0) + active * count
-
-        finite_y1 = rows_finite(step.y1)
-        if step.err is not None:
-            eest = error_norm(norm, step.err, y, step.y1, atol, rtol, valid=active)
-        else:
-            eest = nan.expand(B)
-        # A method may reject a sample's step itself (an implicit solve that did not converge).
-        failed = getattr(step, "failed", None)
-        accept = active & finite_y1 if failed is None else active & finite_y1 & ~failed
-        if opts.adaptive:
-            accept = accept & (eest <= one)
-
-        hit_accept = hit & accept
-        # The step that reaches the end time (target is tau_end unless stopping at save points).
-        finishing = hit_accept if not opts.stop_at_saves else hit_accept & (target == tau_end)
-        tau_new = torch.where(accept, torch.where(hit, target, tau + h), tau)
-        accept_col = accept[:, None]
-        y_new = torch.where(accept_col, step.y1, y)
-        f_end = method.end_derivative(step)
-        if f_end is None:
-            f_end = rhs(tau_new, y_new)
-            extra_evals.append(accept)
-        k1 = torch.where(accept_col, f_end, k1)
-        if defer_stiffness:  # computed for many steps at once (_flush_stiffness); a placeholder until then
-            stiff_pending.append(method.stiffness_terms(step, step.y1, f_end))
-            stiff = None
-        else:
-            stiff = method.stiffness(step, step.y1, f_end, norm)
-
-        if opts.adaptive:
-            eest_ctrl = eest if opts.differentiable_dt or not eest.requires_grad else eest.detach()
-            dt_new, errold = controller.propose(h, eest_ctrl, errold, accept)
-            # A step shortened to land on a target says nothing about the size the problem allows.
-            dt_new = torch.where(hit_accept, torch.maximum(dt_new, dt), dt_new)
-            dt_new = torch.minimum(dt_new, dtmax)
-            dtmin = torch.clamp(tau.abs(), min=1.0) * dtmin_factor
-            if opts.dtmin > 0:
-                dtmin = torch.clamp(dtmin, min=opts.dtmin)
-            too_small = (active ^ finishing) & (dt_new < dtmin)  # finishing ⊆ active: active & ~finishing
-            status = torch.where(too_small, torch.where(eest < inf, code[ReturnCode.DtLessThanMin],
-                                                        code[ReturnCode.Unstable]), status)
-            if failed is not None:
-                status = torch.where(too_small & failed, code[ReturnCode.ConvergenceFailure], status)
-            dt = torch.where(active, dt_new, dt)
-        if stop_diverged:
-            status = torch.where(active & ~finite_y1, code[ReturnCode.Unstable], status)
-        if failed is not None and not opts.adaptive:
-            # A fixed step cannot shrink: an implicit solve that did not converge ends the sample.
-            status = torch.where(active & failed, code[ReturnCode.ConvergenceFailure], status)
-        status = torch.where(finishing, code[ReturnCode.Success], status)
+        if it.extra_eval is not None:
+            extra_evals.append(it.extra_eval)
         if n_iter >= opts.max_steps:
             # A sample still running has been active in every iteration: its iters = n_iter.
-            status = torch.where(status == RUNNING, code[ReturnCode.MaxIters], status)
-        running = status == RUNNING
+            status = torch.where(running, code[ReturnCode.MaxIters], status)
+            running = status == RUNNING
+        h, accept, tau_new, f_end = it.h, it.accept, it.tau_new, it.f_end
 
         # Save points covered by accepted steps, interpolated with the method's own dense output:
         # batched over many steps (see _flush_saves), or per step when the targets follow the saves.
@@ -210,7 +266,7 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
             nsave = torch.where(accept, covered - next_save, constant(0, next_save))
             flags = [running.sum(), nsave.max()]
         if on_progress is not None:  # solve(progress=True): the slowest running sample's covered fraction, same read
-            covered_frac = torch.where(status == RUNNING, (tau_new - tau_save[:, 0]) / span, torch.ones_like(span))
+            covered_frac = torch.where(running, (tau_new - tau_save[:, 0]) / span, torch.ones_like(span))
             flags = [flags[0].long(), *flags[1:], (covered_frac.min() * PROGRESS_SCALE).long()]
         # The loop's one read from the device per iteration.
         still_running, *rest = torch.stack(flags).tolist() if len(flags) > 1 else [bool(flags[0])]
@@ -235,11 +291,14 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
             next_save = next_save + nsave
 
         if opts.probe is not None:
-            probe_tau, probe_y = _update_probe(opts.probe, method, accept, hit & (target == tau_end), tau, h,
+            finished = it.hit & (it.target == tau_end)
+            probe_tau, probe_y = _update_probe(opts.probe, method, accept, finished, tau, h,
                                                tau_new, y, step, f_end, probe_tau, probe_y, probe_count)
-            probe_count = probe_count + (accept & ~(hit & (target == tau_end)))
+            probe_count = probe_count + (accept & ~finished)
 
-        for key, val in (("t", tau_new), ("dt", h), ("eest", eest), ("stiffness", stiff), ("accept", accept)):
+        if it.stiffness_terms is not None:  # computed for many steps at once (_flush_stiffness); a placeholder until then
+            stiff_pending.append(it.stiffness_terms)
+        for key, val in (("t", tau_new), ("dt", h), ("eest", it.eest), ("stiffness", it.stiffness), ("accept", accept)):
             trace[key].append(val)
         if stiff_pending and len(stiff_pending) * 2 * y.numel() > SAVE_BUFFER_ELEMENTS:
             _flush_stiffness(method, stiff_pending, trace["stiffness"], norm)
@@ -249,7 +308,7 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
         if dense is not None:
             for key, val in (("tau", tau), ("h", h), ("y0", y), ("ks", step.ks), ("y1", step.y1), ("f1", f_end)):
                 dense[key].append(val)
-        tau, y = tau_new, y_new
+        tau, y, k1, dt, errold = tau_new, it.y_new, it.k1, it.dt, it.errold
         active = running
         if not still_running:
             break

@@ -495,7 +495,8 @@ def sde_initial_step(drift, g: Diffusion, tau, y0, atol, rtol, order, norm: Norm
 
 
 def solve_sde(prob, solver, *, rtol, atol, dt, adaptive, dtmin, dtmax, max_steps, dense, lockstep,
-              differentiable_dt, brownian=None, seed=None, local_regularizer=None, keep_state=False):
+              differentiable_dt, brownian=None, seed=None, local_regularizer=None, keep_state=False,
+              compile=False):
     check_sde_solver(prob, solver)
     y0 = prob.y0
     B = prob.batch_size
@@ -523,7 +524,8 @@ def solve_sde(prob, solver, *, rtol, atol, dt, adaptive, dtmin, dtmax, max_steps
     # SOLVERS.md: SDE methods use p = strong order and qmax = 9/8.
     controller = PIController.for_order(method.order, qmax=9 / 8)
     opts = LoopOptions(adaptive=adaptive, dt=dt, dtmin=dtmin, dtmax=dtmax, max_steps=max_steps, lockstep=lockstep,
-                       dense=dense, differentiable_dt=differentiable_dt, controller=controller, stop_at_saves=True)
+                       dense=dense, differentiable_dt=differentiable_dt, controller=controller, stop_at_saves=True,
+                       compile=compile)
     if local_regularizer is not None:
         opts.probe = _probe(local_regularizer, seed, tau_save, lockstep)
     atol_c, rtol_c = _per_component(atol, prob), _per_component(rtol, prob)

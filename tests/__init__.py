@@ -1,0 +1,1 @@
+"""pybridge test suite (a package, so `tests.*` helpers resolve here and not to a site-packages `tests`)."""

@@ -1,0 +1,125 @@
+"""solve(..., compile=True): the loop iteration as one torch.compile'd graph gives the eager solve's
+results (values, steps, gradients) for explicit RK and Rosenbrock methods, and the other families
+refuse it with a clear error.
+
+Each compilation takes seconds, so the tests share one problem (Dynamo reuses a compiled graph
+when the module, shapes and options match)."""
+import pytest
+import torch
+
+import pybridge as pb
+
+torch.manual_seed(0)
+NET = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)).double()
+Y0 = torch.randn(4, 2, dtype=torch.float64)
+T = torch.linspace(0.0, 2.0, 6, dtype=torch.float64)
+
+
+class Field(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = NET
+
+    def forward(self, t, y):
+        return self.net(y) * torch.cos(t)[..., None]  # uses t (per sample in independent mode)
+
+
+FIELD = Field()
+
+
+def _solve(solver, **kw):
+    return pb.solve(pb.ODEProblem(FIELD, Y0, T), solver, rtol=1e-7, atol=1e-9, **kw)
+
+
+def test_compiled_solve_matches_eager_with_gradients():
+    def run(compile):
+        NET.zero_grad()
+        sol = _solve(pb.Tsit5(), compile=compile)
+        loss = sol.ys.square().sum() + pb.error_regularizer(sol)
+        loss.backward()
+        return sol, [p.grad.clone() for p in NET.parameters()]
+
+    eager, g_eager = run(False)
+    compiled, g_compiled = run(True)
+    # Same steps: float64 rounding differences of fused kernels do not move an accept/reject decision here.
+    assert torch.equal(compiled.stats.nfe, eager.stats.nfe)
+    assert torch.equal(compiled.stats.naccept, eager.stats.naccept)
+    torch.testing.assert_close(compiled.ys, eager.ys, rtol=1e-10, atol=1e-12)
+    # The error estimate is a small difference of O(1) stage values, so reordered sums change it at
+    # ~1e-6 relative (and the steps the controller proposes with it) even in float64.
+    torch.testing.assert_close(compiled.trace.dt, eager.trace.dt, rtol=1e-4, atol=0.0)
+    for a, b in zip(g_compiled, g_eager):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_compiled_lockstep_dense_and_backsolve_adjoint():
+    with torch.no_grad():
+        eager = _solve(pb.DP5(), batch="lockstep", dense=True)
+        compiled = _solve(pb.DP5(), batch="lockstep", dense=True, compile=True)
+    assert torch.equal(compiled.stats.nfe, eager.stats.nfe)
+    torch.testing.assert_close(compiled.ys, eager.ys, rtol=1e-10, atol=1e-12)
+    tq = torch.linspace(0.1, 1.9, 7, dtype=torch.float64)
+    torch.testing.assert_close(compiled(tq), eager(tq), rtol=1e-10, atol=1e-12)
+
+    # A continuous adjoint: the forward solve compiled, the backward (autograd inside f) eager.
+    y0 = Y0.clone().requires_grad_()
+    grads = []
+    for compile in (False, True):
+        sol = pb.solve(pb.ODEProblem(FIELD, y0, T), pb.DP5(), rtol=1e-7, atol=1e-9, batch="lockstep",
+                       adjoint=pb.BacksolveAdjoint(), compile=compile)
+        grads.append(torch.autograd.grad(sol.ys[-1].sum(), y0)[0])
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    (dict(compile="yes"), TypeError, "compile must be True or False"),
+    (dict(compile=True, engine="julia"), ValueError, "torch engine only"),
+])
+def test_compile_argument_errors(kw, err, match):
+    with pytest.raises(err, match=match):
+        _solve(pb.Tsit5(), **kw)
+
+
+class LearnableRober(torch.nn.Module):
+    """ROBER with learnable log-rates (stiffness ~1e7 at the true rates)."""
+
+    def __init__(self):
+        super().__init__()
+        self.log_rates = torch.nn.Parameter(torch.tensor([0.04, 3e7, 1e4], dtype=torch.float64).log())
+
+    def forward(self, t, y):
+        k1, k2, k3 = self.log_rates.exp()
+        y1, y2, y3 = y.unbind(-1)
+        return torch.stack([-k1 * y1 + k3 * y2 * y3, k1 * y1 - k3 * y2 * y3 - k2 * y2 ** 2, k2 * y2 ** 2], -1)
+
+
+def test_compiled_rosenbrock_matches_eager_with_gradients():
+    # The Jacobian comes from torch.func.jacrev inside the compiled graph (autograd.grad does not trace).
+    f = LearnableRober()
+    y0 = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.0, 0.1]], dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0, 10.0], dtype=torch.float64)
+
+    def run(compile):
+        f.zero_grad()
+        sol = pb.solve(pb.ODEProblem(f, y0, t), pb.Rosenbrock23(), rtol=1e-6, atol=1e-10, compile=compile)
+        sol.ys[-1, :, 0].sum().backward()
+        return sol, f.log_rates.grad.clone()
+
+    eager, g_eager = run(False)
+    compiled, g_compiled = run(True)
+    assert torch.equal(compiled.stats.naccept, eager.stats.naccept)
+    assert torch.equal(compiled.stats.njac, eager.stats.njac)
+    torch.testing.assert_close(compiled.ys, eager.ys, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(g_compiled, g_eager, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver", [pb.Kvaerno5(), pb.TRBDF2(), pb.AutoTsit5(pb.Rosenbrock23())])
+def test_compile_refuses_newton_and_switching_solvers(solver):
+    with pytest.raises(ValueError, match="compile=True is available for the explicit Runge–Kutta and Rosenbrock"):
+        _solve(solver, compile=True)
+
+
+def test_compile_refuses_sde_solvers():
+    prob = pb.SDEProblem(lambda t, y: -y, lambda t, y: 0.1 * y, Y0, T)
+    with pytest.raises(ValueError, match="compile=True is available for the explicit Runge–Kutta and Rosenbrock"):
+        pb.solve(prob, pb.EM(), dt=0.1, adaptive=False, compile=True)
