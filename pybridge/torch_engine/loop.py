@@ -176,7 +176,15 @@ class Advance:
 
 
 def _compiled(advance):
-    return torch.compile(advance, dynamic=False)
+    compiled = torch.compile(advance)
+
+    def run(*args):
+        # An integer a module updates in forward (a call counter) would otherwise be a constant of
+        # the graph: a recompilation per call until torch gives up and falls back to eager. With
+        # this flag (and automatic dynamic shapes) it becomes a graph input after one recompilation.
+        with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
+            return compiled(*args)
+    return run
 
 
 def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, atol, rtol,
