@@ -189,8 +189,9 @@ def test_dense_output_accuracy(solver):
     sol = pb.solve(pb.ODEProblem(lambda t, y: y @ A.T, y0, t), solver(), rtol=1e-8, atol=1e-10, dense=True)
     tq = torch.linspace(0, 2, 37, dtype=torch.float64)
     err = (sol(tq) - exact_linear(A, y0, tq)).abs().max().item()
-    # Tsit5/DP5 carry free 4th-order interpolants; BS3/Vern7 use cubic Hermite.
-    assert err < {"Tsit5": 1e-6, "DP5": 1e-6, "BS3": 1e-6, "Vern7": 1e-3}[solver.__name__], err
+    # Tsit5/DP5 carry free 4th-order interpolants, Vern7 its 7th-order one (lazy stages); BS3 uses
+    # cubic Hermite. (The truth, torch.linalg.matrix_exp, is itself only good to ~1e-11.)
+    assert err < {"Tsit5": 1e-6, "DP5": 1e-6, "BS3": 1e-6, "Vern7": 1e-7}[solver.__name__], err
     assert torch.allclose(sol(t), sol.ys, atol=1e-12)
 
 

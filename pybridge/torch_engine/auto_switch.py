@@ -88,6 +88,8 @@ class AutoSwitch:
         # The engine steps onto save points when order - interpolation_order > 1; do so if either method needs it.
         self.interpolation_order = self.order + min(m.interpolation_order - m.order for m in (explicit, stiff))
         self.rows = max(_stage_rows(explicit), _stage_rows(stiff))
+        # The explicit method's lazy interpolation stages (Vern7's), see extend_stages.
+        self.extra_stages = getattr(explicit, "extra_stages", 0)
 
     def for_solve(self) -> "AutoSwitchRun":
         return AutoSwitchRun(self)
@@ -193,10 +195,24 @@ class AutoSwitchRun(AutoSwitch):
         self._est = decide
         return est
 
+    def extend_stages(self, rhs, t0, y0, h, ks, use=None):
+        """ks (B, rows + 1, n) → (B, rows + 1 + e, n): the explicit method's lazy stages appended
+        after the mode row, evaluated where the step was explicit (y0 stands in elsewhere)."""
+        if not self.extra_stages or ks.shape[1] > self.rows + 1:
+            return ks
+        explicit_rows = ks[:, self.rows, 0] < 0.5
+        use = explicit_rows if use is None else use & explicit_rows
+        s = _stage_rows(self.explicit)
+        ext = self.explicit.extend_stages(rhs, t0, y0, h, ks[:, :s], use=use)
+        return torch.cat([ks, ext[:, s:]], 1)
+
     def interpolate(self, y0, h, ks, y1, f1, theta):
-        """Each step's own method's interpolant; the step's mode is the last row of ks."""
-        stiff = (ks[:, -1, 0] > 0.5)[:, None, None]
-        ve = self.explicit.interpolate(y0, h, ks[:, :_stage_rows(self.explicit)], y1, f1, theta)
+        """Each step's own method's interpolant; the step's mode is row `rows` of ks (the last one
+        unless extend_stages appended the explicit method's lazy stages after it)."""
+        stiff = (ks[:, self.rows, 0] > 0.5)[:, None, None]
+        s = _stage_rows(self.explicit)
+        ke = ks[:, :s] if ks.shape[1] == self.rows + 1 else torch.cat([ks[:, :s], ks[:, self.rows + 1:]], 1)
+        ve = self.explicit.interpolate(y0, h, ke, y1, f1, theta)
         vs = self.stiff.interpolate(y0, h, ks[:, :_stage_rows(self.stiff)], y1, f1, theta)
         return torch.where(stiff, vs, ve)
 

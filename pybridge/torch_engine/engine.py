@@ -125,7 +125,7 @@ def solve_ode(prob, solver, *, rtol, atol, dt, adaptive, dtmin, dtmax, max_steps
     if hasattr(method, "with_tolerances"):   # implicit methods scale their Newton norm by the solve's tolerances
         method = method.with_tolerances(atol, rtol, lockstep)
     res = integrate(rhs, method, tau_save, y0_flat, atol, rtol, opts)
-    sol = _to_solution(res, prob, solver, method, direction)
+    sol = _to_solution(res, prob, solver, method, direction, rhs)
     if local_regularizer is not None:
         from ..regularization import local_error_step
         tau_reg, y_reg = res.probe
@@ -158,7 +158,7 @@ def _per_component(tol, prob):
     return tol.broadcast_to(prob.y0.shape).reshape(B, -1)
 
 
-def _to_solution(res, prob, solver, method, direction):
+def _to_solution(res, prob, solver, method, direction, rhs=None):
     unbatch = (lambda x: x[0]) if not prob.batched else (lambda x: x)
     ys = res.ys.reshape((res.ys.shape[0],) + tuple(prob.y0.shape))
     tr = res.trace
@@ -170,7 +170,7 @@ def _to_solution(res, prob, solver, method, direction):
     stats = Stats(nfe=unbatch(res.nfe), naccept=unbatch(res.naccept), nreject=unbatch(res.nreject), **extra)
     interpolant = None
     if res.dense is not None:
-        interpolant = DenseOutput(res.dense, tr["mask"], method, direction, prob, res.tau)
+        interpolant = DenseOutput(res.dense, tr["mask"], method, direction, prob, res.tau, rhs)
     sol = Solution(ys=ys, ts=prob.t, stats=stats, retcode=unbatch(res.status), trace=trace,
                    interpolant=interpolant, solver=solver, batched=prob.batched)
     sol.extras["t_final"] = unbatch(res.tau * direction)
@@ -179,13 +179,33 @@ def _to_solution(res, prob, solver, method, direction):
 
 
 class DenseOutput:
-    """sol(t): locate each query's accepted step per sample and evaluate the method's interpolant."""
+    """sol(t): locate each query's accepted step per sample and evaluate the method's interpolant.
 
-    def __init__(self, data, mask, method, direction, prob, tau_reached):
+    An interpolant with lazy stages (Vern7) evaluates the right-hand side rhs: per step that some
+    query falls in, on the (B, n) batch of every sample's step of that index (these evaluations are
+    not counted in stats). They are kept for later calls made without gradients (e.g. an adjoint's
+    backward pass); calls that record gradients recompute them."""
+
+    def __init__(self, data, mask, method, direction, prob, tau_reached, rhs=None):
         self.data, self.mask, self.method = data, mask, method
         self.direction, self.prob, self.tau_reached = direction, prob, tau_reached
+        self.rhs = rhs if getattr(method, "extra_stages", 0) else None
+        self._lazy_cache = {}
         starts = data["tau"]
         self.starts = torch.where(mask, starts, torch.full_like(starts, float("inf")))
+
+    def _stages(self, idx):
+        """The stages of the steps idx (B, Tq) points at, as (stages (B, N', S, n), idx into them)."""
+        d, ks = self.data, self.data["ks"]
+        cols = torch.unique(idx).tolist()
+        cache = self._lazy_cache if not torch.is_grad_enabled() else {}
+        for i in cols:
+            if i not in cache:
+                cache[i] = self.method.extend_stages(self.rhs, d["tau"][:, i], d["y0"][:, i], d["h"][:, i],
+                                                     ks[:, i], use=self.mask[:, i])
+        pos = torch.zeros(ks.shape[1], dtype=torch.long, device=idx.device)
+        pos[cols] = torch.arange(len(cols), device=idx.device)
+        return torch.stack([cache[i] for i in cols], 1), pos[idx]
 
     def __call__(self, t, extrapolate: bool = False):
         """extrapolate: extend the first and last steps' polynomials beyond the solved span (for
@@ -208,7 +228,12 @@ class DenseOutput:
         flat = lambda x: x.reshape(B * Tq, *x.shape[2:])
         start, h = pick(self.data["tau"]), pick(self.data["h"])
         theta = ((tau - start) / torch.where(h > 0, h, torch.ones_like(h))).reshape(-1, 1)
-        vals = self.method.interpolate(flat(pick(self.data["y0"])), flat(h), flat(pick(self.data["ks"])),
+        if self.rhs is None:
+            ks = pick(self.data["ks"])
+        else:
+            ks, ks_idx = self._stages(idx)
+            ks = torch.gather(ks, 1, ks_idx.view(B, Tq, 1, 1).expand(B, Tq, *ks.shape[2:]))
+        vals = self.method.interpolate(flat(pick(self.data["y0"])), flat(h), flat(ks),
                                        flat(pick(self.data["y1"])), flat(pick(self.data["f1"])), theta)
         vals = vals.reshape(B, Tq, -1)
         if not extrapolate:

@@ -38,6 +38,11 @@ class ExplicitRK:
         self.dense = as_tensor([list(r) for r in tableau.dense]) if tableau.dense is not None else None
         self.stiffness_pair = tableau.stiffness_pair
         self.interpolation_order = tableau.dense_order if tableau.dense is not None else 3
+        # Lazy stages (the Verner interpolants): evaluated only to interpolate, by `extend_stages`
+        # (which calls the right-hand side); `interpolate` then takes the extended stages.
+        self.extra_stages = tableau.extra_stages
+        self.extra_c = [float(ci) for ci in tableau.extra_c]
+        self.extra_a_rows = [as_tensor(list(r)) for r in tableau.extra_a]
         self._dense_T = self.dense.T.contiguous() if self.dense is not None else None
         self._dense_powers = (torch.arange(1, self.dense.shape[1] + 1, device=device).to(dtype)
                               if self.dense is not None else None)
@@ -97,9 +102,30 @@ class ExplicitRK:
         est = torch.where(ok, num / torch.where(ok, den, 1.0), 0.0)
         return est.expand(dk.shape[:-1]) if norm.lockstep else est
 
+    def extend_stages(self, rhs, t0, y0, h, ks, use=None):
+        """The step's stages (B, s, n) extended by the tableau's lazy ones → (B, s + e, n).
+
+        Each lazy stage is one call of rhs on the whole (B, n) batch at times t0 + c·h (B,). Rows
+        where `use` (B,) is False are evaluated at y0 instead (their values are not wanted; the
+        step there may be a rejected or padded one whose stages are not finite)."""
+        if not self.extra_stages or ks.shape[1] > len(self.c):
+            return ks
+        hcol = h[:, None]
+        stages = list(ks.unbind(1))
+        for c, a in zip(self.extra_c, self.extra_a_rows):
+            yi = torch.addcmul(y0, hcol, torch.stack(stages, -1) @ a)
+            if use is not None:
+                yi = torch.where(use[:, None], yi, y0)
+            stages.append(rhs(t0 + c * h, yi))
+        return torch.stack(stages, 1)
+
     def interpolate(self, y0, h, ks, y1, f1, theta):
-        """y at t0 + θh for θ of shape (B, K) → (B, K, n); the tableau's own dense output or Hermite."""
-        if self.dense is not None:
+        """y at t0 + θh for θ of shape (B, K) → (B, K, n); the tableau's own dense output or Hermite.
+
+        A tableau with lazy stages needs ks extended by `extend_stages`; given the step's own stages
+        only, it returns cubic Hermite (the loop does so only where the value is discarded: save
+        points on a step's end, whose value is y1)."""
+        if self.dense is not None and ks.shape[1] == self.dense.shape[0]:
             powers = theta[..., None] ** self._dense_powers  # (B, K, D): θ, θ², …
             w = powers @ self._dense_T  # (B, K, s)
             return torch.addcmul(y0[:, None], h[:, None, None], w @ ks)

@@ -12,7 +12,8 @@ therefore negated below. Negation is exact in IEEE arithmetic, so ``|h Σ b_erro
 (all the step-size controller ever looks at) is bit-identical to Julia's ``|utilde|``.
 
 Index conventions (0-based): ``a[i]`` has ``i`` entries; ``dense[i][m]`` is the coefficient of
-θ^(m+1) in stage i's weight b_i(θ); ``stiffness_pair`` index ``s`` (= number of stages) means
+θ^(m+1) in stage i's weight b_i(θ) (stages past ``s`` are the lazy ``extra_a`` ones, whose row j
+has ``s + j`` entries); ``stiffness_pair`` index ``s`` (= number of stages) means
 the evaluation f(t1, y1) that starts the next step.
 """
 from __future__ import annotations
@@ -207,9 +208,18 @@ TSIT5 = ButcherTableau(
 # ---------------------------------------------------------------------------------------------
 # Vern7: Verner's "most efficient" 7(6), 10 stages, not FSAL. Stages 9 and 10 are both at
 # t + h; stage 10 only feeds the error estimate (b_10 = 0, b_hat_2 = b_hat_3 = b_hat_8 =
-# b_hat_9 = 0). The 16-stage lazy interpolant (Vern7ExtraStages) is not used: dense = None.
-# lib/OrdinaryDiffEqVerner/src/verner_tableaus.jl (Vern7Tableau, Float64 branch).
+# b_hat_9 = 0). lib/OrdinaryDiffEqVerner/src/verner_tableaus.jl (Vern7Tableau, Float64 branch).
 # Here OrdinaryDiffEq's btilde already is b - b_hat; copied unchanged.
+#
+# Dense output: Verner's 7th-order continuous extension with six lazy stages k11..k16
+# (OrdinaryDiffEq's Vern7ExtraStages, evaluated on demand in verner_addsteps.jl
+# `_ode_addsteps!(…, ::Vern7Cache)`), all six needed by the order-7 interpolant. Stage 11 is at
+# c = 1 with the weights b (it is f(t1, y1) up to rounding, but OrdinaryDiffEq evaluates it as a
+# stage with its own a-row, and so do we). Extra stage rows use k1, k4..k9 and the earlier extra
+# stages; k2, k3 and k10 never enter. The interpolant (interpolants.jl, vern7pre0) is
+#   y(t0 + θh) = y0 + h Σ_i b_i(θ) k_i,  b_1(θ) = Σ_{m=1..7} r01m θ^m,  b_i(θ) = Σ_{m=2..7} rim θ^m
+# for i ∈ {4..9, 11..16}, and b_2 = b_3 = b_10 = 0. Coefficients: the Float64 (CompiledFloats)
+# branch of Vern7ExtraStages and Vern7InterpolationCoefficients in verner_tableaus.jl.
 # ---------------------------------------------------------------------------------------------
 VERN7 = ButcherTableau(
     name="Vern7",
@@ -241,10 +251,72 @@ VERN7 = ButcherTableau(
              0.08131747232495111, -0.02029518466335628],
     error_order=6,
     fsal=False,
-    dense=None,
+    # Vern7ExtraStages (c11..c16; a-rows over k1..k10, then the earlier extra stages).
+    extra_c=[1.0, 0.29, 0.125, 0.25, 0.53, 0.79],
+    extra_a=[
+        # a1101, 0, 0, a1104 … a1109, 0
+        [0.04715561848627222, 0.0, 0.0, 0.25750564298434153, 0.2621665397741262,
+         0.15216092656738558, 0.49399691700324844, -0.29430311714032503, 0.0813174723249511, 0.0],
+        # a1201, 0, 0, a1204 … a1209, 0, a1211
+        [0.0523222769159969, 0.0, 0.0, 0.22495861826705715, 0.017443709248776376,
+         -0.007669379876829393, 0.03435896044073285, -0.0410209723009395, 0.025651133005205617, 0.0,
+         -0.0160443457],
+        # a1301, 0, 0, a1304 … a1309, 0, a1311, a1312
+        [0.053053341257859085, 0.0, 0.0, 0.12195301011401886, 0.017746840737602496,
+         -0.0005928372667681495, 0.008381833970853752, -0.01293369259698612, 0.009412056815253861, 0.0,
+         -0.005353253107275676, -0.06666729992455811],
+        # a1401, 0, 0, a1404 … a1409, 0, a1411, a1412, a1413
+        [0.03887903257436304, 0.0, 0.0, -0.0024403203308301317, -0.0013928917214672623,
+         -0.00047446291558680135, 0.00039207932413159514, -0.00040554733285128004,
+         0.00019897093147716726, 0.0, -0.00010278198793179169, 0.03385661513870267,
+         0.1814893063199928],
+        # a1501, 0, 0, a1504 … a1509, 0, a1511, a1512, a1513, 0
+        [0.05723681204690013, 0.0, 0.0, 0.22265948066761182, 0.12344864200186899,
+         0.04006332526666491, -0.05269894848581452, 0.04765971214244523, -0.02138895885042213, 0.0,
+         0.015193891064036402, 0.12060546716289655, -0.022779423016187374, 0.0],
+        # a1601, 0, 0, a1604 … a1609, 0, a1611, a1612, a1613, 0, 0
+        [0.051372038802756814, 0.0, 0.0, 0.5414214473439406, 0.350399806692184,
+         0.14193112269692182, 0.10527377478429423, -0.031081847805874016, -0.007401883149519145, 0.0,
+         -0.006377932504865363, -0.17325495908361865, -0.18228156777622026, 0.0, 0.0],
+    ],
+    # Vern7InterpolationCoefficients: row i holds the coefficients of θ¹ … θ⁷ in b_i(θ).
+    dense=[
+        [1.0, -8.413387198332767, 33.675508884490895, -70.80159089484886, 80.64695108301298,
+         -47.19413969837522, 11.133813442539243],                                      # r011 … r017
+        [0.0] * 7,
+        [0.0] * 7,
+        [0.0, 8.754921980674396, -88.4596828699771, 346.9017638429916, -629.2580030059837,
+         529.6773755604193, -167.35886986514018],                                      # r042 … r047
+        [0.0, 8.913387586637922, -90.06081846893218, 353.1807459217058, -640.6476819744374,
+         539.2646279047156, -170.38809442991547],                                      # r052 … r057
+        [0.0, 5.1733120298478, -52.271115900055385, 204.9853867374073, -371.8306118563603,
+         312.9880934374529, -98.89290352172495],                                       # r062 … r067
+        [0.0, 16.79537744079696, -169.70040000059728, 665.4937727009246, -1207.1638892336007,
+         1016.1291515818546, -321.06001557237494],                                     # r072 … r077
+        [0.0, -10.005997536098665, 101.1005433052275, -396.47391512378437, 719.1787707014183,
+         -605.3681033918824, 191.27439892797935],                                      # r082 … r087
+        [0.0, 2.764708833638599, -27.934602637390462, 109.54779186137893, -198.7128113064482,
+         167.26633571640318, -52.85010499525706],                                      # r092 … r097
+        [0.0] * 7,
+        [0.0, -2.1696320280163506, 22.016696037569876, -86.90152427798948, 159.22388973861476,
+         -135.9618306534588, 43.792401183280006],                                      # r112 … r117
+        [0.0, -4.890070188793804, 22.75407737425176, -30.78034218537731, -2.797194317207249,
+         31.369456637508403, -15.655927320381801],                                     # r122 … r127
+        [0.0, 10.862170929551967, -50.542971417827104, 68.37148040407511, 6.213326521632409,
+         -69.68006323194157, 34.776056794509195],                                      # r132 … r137
+        [0.0, -11.37286691922923, 130.79058078246717, -488.65113677785604, 832.2148793276441,
+         -664.7743368554426, 201.79288044241662],                                      # r142 … r147
+        [0.0, -5.919778732715007, 63.27679965889219, -265.432682088738, 520.1009254140611,
+         -467.412109533902, 155.3868452824017],                                        # r152 … r157
+        [0.0, -10.492146197961823, 105.35538525188011, -409.43975011988937, 732.831448907654,
+         -606.3044574733512, 188.0495196316683],                                       # r162 … r167
+    ],
+    dense_order=7,
     stability_size=4.64,
     stiffness_pair=(8, 9),
-    source=f"{_ODE} lib/OrdinaryDiffEqVerner/src/verner_tableaus.jl (Vern7Tableau, Float64 branch)",
+    source=f"{_ODE} lib/OrdinaryDiffEqVerner/src/verner_tableaus.jl (Vern7Tableau, Vern7ExtraStages, "
+    "Vern7InterpolationCoefficients, Float64 branch); lazy stages as verner_addsteps.jl, "
+    "interpolant as interpolants.jl (vern7pre0)",
 )
 
 EXPLICIT_TABLEAUS = {

@@ -14,6 +14,11 @@ class ButcherTableau:
     (``b_error = b - b_hat``, OrdinaryDiffEq's ``btilde``). ``dense[i]`` holds the polynomial
     coefficients of stage i's interpolation weight, ``b_i(θ) = sum_m dense[i][m] θ^(m+1)``, so that
     ``y(t0 + θh) = y0 + h * sum_i b_i(θ) k[i]``; ``None`` means cubic Hermite on (y0, f0, y1, f1).
+    Lazy stages (OrdinaryDiffEq's "extra stages" of the Verner interpolants): ``extra_c[j]`` and
+    ``extra_a[j]`` (``s + j`` entries: over the s stages of the step, then the earlier extra
+    stages) define stage ``s + j``, evaluated only when the interpolant is needed,
+    ``k[s+j] = f(t0 + extra_c[j] h, y0 + h * sum_i extra_a[j][i] k[i])``; ``dense`` then has one row
+    per stage, extra ones included.
     ``stiffness_pair = (i, j)`` names the two stages whose difference estimates the dominant
     eigenvalue, ``|k_j - k_i| / |g_j - g_i|`` with g the stages' arguments; index ``s`` (one past
     the last stage) stands for the evaluation f(t1, y1) that starts the next step.
@@ -29,6 +34,8 @@ class ButcherTableau:
     fsal: bool = False
     dense: Optional[Sequence[Sequence[float]]] = None
     dense_order: int = 3
+    extra_c: Sequence[float] = ()
+    extra_a: Sequence[Sequence[float]] = ()
     stability_size: float = float("nan")
     stiffness_pair: tuple = (0, 1)
     source: str = ""
@@ -39,6 +46,11 @@ class ButcherTableau:
     @property
     def stages(self) -> int:
         return len(self.c)
+
+    @property
+    def extra_stages(self) -> int:
+        """Lazy stages the interpolant needs on top of the step's own (0 for most methods)."""
+        return len(self.extra_c)
 
     @property
     def adaptive(self) -> bool:
