@@ -22,6 +22,8 @@ vdpol_mu) multiplied by exp(0.1·N(0, 1)) (numpy default_rng(1234)).
 
 Contenders: pybridge Rosenbrock23 / Rodas4 / Rodas5P (and Kvaerno5 when `pb.Kvaerno5` exists),
 Jacobians by pybridge's automatic differentiation (reverse mode, batched), batch = "independent" (every sample its own steps);
+pybridge Rosenbrock23 / Rodas5P with solve(compile=True) (each loop iteration one torch.compile'd
+graph, Jacobian by torch.func.jacrev inside it; compiled in the untimed warm-up, which is logged);
 SciPy solve_ivp Radau / BDF / LSODA with the analytic Jacobian, looped over the samples; diffrax
 Kvaerno5 (jax.jit; jax.vmap over the batch; tolerances are traced arguments so each problem
 compiles once; compile time excluded). One thread everywhere (torch.set_num_threads(1),
@@ -198,14 +200,14 @@ def pybridge_solvers():
     return out
 
 
-def run_pybridge(cls):
+def run_pybridge(cls, compile=False):
     def go(prob, ks, rtol):
         f = prob.torch_f(ks)
         y0 = torch.as_tensor(prob.y0, dtype=torch.float64)
         if ks.ndim == 2:
             y0 = y0.expand(ks.shape[0], -1).clone()
         t = torch.tensor([0.0, prob.t1], dtype=torch.float64)
-        sol = pb.solve(pb.ODEProblem(f, y0, t), cls(), rtol=rtol, atol=rtol * prob.atol_ratio)
+        sol = pb.solve(pb.ODEProblem(f, y0, t), cls(), rtol=rtol, atol=rtol * prob.atol_ratio, compile=compile)
         bad = int((sol.retcode.reshape(-1) != 0).sum())
         if bad:
             raise RuntimeError(f"{bad} samples did not succeed")
@@ -289,14 +291,22 @@ def _rtol_lists(quick, override=None):
 
 
 def contenders(only=None):
-    """All contenders, or those whose name contains one of the comma-separated words in `only`."""
+    """All contenders, or those whose name contains one of the comma-separated words in `only` (and
+    none of its words written with a leading '-')."""
     out = [(f"pybridge {n}", run_pybridge(c), "pybridge", n) for n, c in pybridge_solvers()]
+    # solve(compile=True): one compiled graph per loop iteration; compiled in the untimed warm-up
+    # (as diffrax's jit), the compile time is logged.
+    out += [(f"pybridge {n} (compile=True)", run_pybridge(c, compile=True), "pybridge", n)
+            for n, c in (("Rosenbrock23", pb.Rosenbrock23), ("Rodas5P", pb.Rodas5P))]
     out += [(f"SciPy {m}", run_scipy(m), "scipy", m) for m in ("Radau", "BDF", "LSODA")]
     if diffrax_available():
         out.append(("diffrax Kvaerno5 (jit; vmap on the batch)", run_diffrax, "diffrax", "Kvaerno5"))
     if only:
         words = [w.strip().lower() for w in only.split(",") if w.strip()]
-        out = [c for c in out if any(w in c[0].lower() for w in words)]
+        keep = [w for w in words if not w.startswith("-")]
+        drop = [w[1:] for w in words if w.startswith("-")]
+        out = [c for c in out if (not keep or any(w in c[0].lower() for w in keep))
+               and not any(w in c[0].lower() for w in drop)]
     return out
 
 
@@ -334,10 +344,12 @@ def run_problem(prob, B, K, repeats, quick, log, only=None, rtols=None, ref_rtol
     short = dataclasses.replace(prob, t1=prob.t1 * 1e-3)
     for name, go, lib, meth in contenders(only):
         for mode in ("single", "batch"):
-            try:  # warm-up (first-call costs of torch.func, imports, JIT) on a short span, untimed
+            warm = time.perf_counter()
+            try:  # warm-up (first-call costs of torch.func, imports, JIT, compile) on a short span, untimed
                 go(short, prob.k if mode == "single" else ks_batch[:K if lib == "scipy" else B], 1e-2)
             except Exception:
                 pass
+            log(f"[{prob.name}/{mode}] {name:28s} warm-up (untimed) {time.perf_counter() - warm:.1f} s")
             pts = []
             for rtol in rt.get(meth if lib == "pybridge" else "default", rt["default"]):
                 try:
@@ -500,7 +512,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--ref-samples", type=int, default=None)
     ap.add_argument("--problems", default="rober,vdpol_mu,kin20")
-    ap.add_argument("--solvers", default="", help="comma-separated name fragments to keep (default: all)")
+    ap.add_argument("--solvers", default="", help="comma-separated name fragments to keep, '-fragment' to drop "
+                    "(default: all)")
     ap.add_argument("--rtols", default="", help="comma-separated rtols for every solver (default: per method)")
     ap.add_argument("--ref-rtol", type=float, default=REF_RTOL, help="rtol of the Radau references (smoke tests)")
     ap.add_argument("--rtol-min", type=float, default=0.0, help="drop tolerances below this (shorter runs)")

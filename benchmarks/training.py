@@ -10,6 +10,9 @@ same batches for every contender). Tight tolerance rtol = atol = 1e-6. Contender
   pybridge Tsit5 error-reg.     loss = CE + λ_k · pb.error_regularizer(sol, reduction="mean"),
                                 λ_k = λ0 · decay^k (k = iteration), the 2021 paper's global R_E
   torchdiffeq dopri5 vanilla    torchdiffeq.odeint(..., method="dopri5"), loss = CE
+  pybridge Tsit5 ..., compile=True   the two pybridge contenders with solve(compile=True); their wall
+                                time includes the compilations (the first training iteration, and
+                                the first test-set evaluation: another shape, without gradients)
 The batch steps in lockstep for all three (one step size per mini-batch), so NFE are comparable:
 one NFE = one evaluation of the field on the whole mini-batch (forward solve only; backpropagation
 goes through the solver's operations, it does not call the field again).
@@ -79,7 +82,8 @@ def forward(model, x, engine):
         model.field.calls = 0
         ys = odeint(model.field, y0, SPAN, rtol=TOL, atol=TOL, method="dopri5")
         return model.out(ys[-1]), model.field.calls, None
-    sol = pb.solve(pb.ODEProblem(model.field, y0, SPAN), pb.Tsit5(), rtol=TOL, atol=TOL, batch="lockstep")
+    sol = pb.solve(pb.ODEProblem(model.field, y0, SPAN), pb.Tsit5(), rtol=TOL, atol=TOL, batch="lockstep",
+                   compile=engine == "pybridge-compiled")
     return model.out(sol.ys[-1]), float(sol.stats.nfe.double().mean()), sol
 
 
@@ -156,6 +160,11 @@ def render(rows, args, total):
         L += ["", f"Error regularization vs vanilla (pybridge, medians): {reg['wall'] / base['wall']:.2f}× the wall "
                   f"time to the target, {reg['reached'] / base['reached']:.2f}× the iterations, "
                   f"{reg['nfe_mean'] / base['nfe_mean']:.2f}× the mean NFE per iteration."]
+    compiled = next((a for a in agg if a["name"] == "pybridge Tsit5 vanilla, compile=True"), None)
+    if base and compiled:
+        L += ["", f"compile=True vs eager (pybridge vanilla, medians): {compiled['wall'] / base['wall']:.2f}× the wall "
+                  f"time to the target, compilation included; {compiled['reached'] / base['reached']:.2f}× the "
+                  "iterations."]
     return "\n".join(L)
 
 
@@ -190,7 +199,9 @@ def main(argv=None):
     train_data, test_data = load_digits()
     log = lambda s: print(s, flush=True)  # noqa: E731
     contenders = [("pybridge Tsit5 vanilla", "pybridge", 0.0),
-                  (f"pybridge Tsit5 error-regularized (λ0={args.lam:g})", "pybridge", args.lam)]
+                  (f"pybridge Tsit5 error-regularized (λ0={args.lam:g})", "pybridge", args.lam),
+                  ("pybridge Tsit5 vanilla, compile=True", "pybridge-compiled", 0.0),
+                  (f"pybridge Tsit5 error-regularized (λ0={args.lam:g}), compile=True", "pybridge-compiled", args.lam)]
     try:
         import torchdiffeq  # noqa: F401
         contenders.append(("torchdiffeq dopri5 vanilla", "torchdiffeq", 0.0))

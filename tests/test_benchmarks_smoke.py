@@ -40,7 +40,7 @@ def test_write_section_keeps_other_sections(tmp_path, monkeypatch):
 
 def test_stiff_quick(tmp_path, capsys):
     from benchmarks import stiff
-    results = stiff.main(["--quick", "--problems", "kin20", "--solvers", "Rodas5P,Radau", "--rtols", "1e-1",
+    results = stiff.main(["--quick", "--problems", "kin20", "--solvers", "Rodas5P,Radau,-compile", "--rtols", "1e-1",
                           "--batch", "2", "--ref-samples", "1", "--ref-rtol", "1e-6", "--no-write"])
     _, res, _ = results["kin20"]
     for mode in ("single", "batch"):

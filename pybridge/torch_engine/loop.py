@@ -10,6 +10,10 @@ depends on is therefore batched over many steps: saved values (_flush_saves), th
 trace (_flush_stiffness, for methods that offer `stiffness_terms`), and the nfe / naccept /
 nreject counts (reduced from per-iteration records after the loop).
 
+The tensor work of an iteration (choose h, step, error norm, accept, controller, return codes) is
+`Advance`, a pure function of the loop state; `integrate` keeps the records. With
+`LoopOptions.compile`, Advance runs as one torch.compile'd graph.
+
 Time runs in τ = direction·t, so every sample integrates forwards; the caller's right-hand side
 already accounts for the sign.
 """
@@ -182,7 +186,9 @@ def _compiled(advance):
         # An integer a module updates in forward (a call counter) would otherwise be a constant of
         # the graph: a recompilation per call until torch gives up and falls back to eager. With
         # this flag (and automatic dynamic shapes) it becomes a graph input after one recompilation.
-        with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
+        # Every solve shares Advance.__call__'s cache (one entry per solver, problem and mode), so
+        # allow more entries than torch's default 8 before it falls back to eager.
+        with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True, recompile_limit=64):
             return compiled(*args)
     return run
 
@@ -220,6 +226,9 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
     counters = {}
     # Per-iteration bookkeeping is kept as lists and reduced once after the loop (fewer ops per step).
     actives, step_nfes, extra_evals = [], [], []
+    # Interpolants with lazy stages (Vern7) evaluate f when they interpolate: (B,) counts of those.
+    lazy = getattr(method, "extra_stages", 0)
+    lazy_evals = []
     n_iter = 0
     arange_cache = {}
 
@@ -230,17 +239,24 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
     trace = {k: [] for k in ("t", "dt", "eest", "stiffness", "accept")}
     dense = {k: [] for k in ("tau", "h", "y0", "ks", "y1", "f1")} if opts.dense else None
     next_save = torch.ones(B, dtype=torch.long, device=device)
-    code = {rc: constant(int(rc), status) for rc in ReturnCode}
+    max_iters = constant(int(ReturnCode.MaxIters), status)
     probe_tau, probe_y = tau.clone(), y0.detach()
     probe_count = torch.zeros(B, dtype=dtype, device=device)
+    probe_step = None
 
     on_progress = progress_hook()
 
-    advance = Advance(rhs, method, norm, controller, opts, atol, rtol, tau_save, dtmax)
     if opts.compile:
         # The iteration's tensor work as one compiled graph (fused kernels instead of ~400 dispatched
-        # ops); the first solve of a shape pays the compilation (seconds), later ones reuse it.
-        advance = _compiled(advance)
+        # ops); the first solve of a shape pays the compilation (seconds), later ones reuse it. What
+        # varies between solves must be graph inputs, not constants of it: tolerances as tensors,
+        # and the state in one memory layout (a (1,) view of tau_save has stride T, later ones 1).
+        atol, rtol = (x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=dtype, device=device)
+                      for x in (atol, rtol))
+        tau, y, dt, k1, errold = (x.clone(memory_format=torch.contiguous_format) for x in (tau, y, dt, k1, errold))
+        advance = _compiled(Advance(rhs, method, norm, controller, opts, atol, rtol, tau_save, dtmax))
+    else:
+        advance = Advance(rhs, method, norm, controller, opts, atol, rtol, tau_save, dtmax)
 
     active = status == RUNNING
     while True:
@@ -255,7 +271,7 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
             extra_evals.append(it.extra_eval)
         if n_iter >= opts.max_steps:
             # A sample still running has been active in every iteration: its iters = n_iter.
-            status = torch.where(running, code[ReturnCode.MaxIters], status)
+            status = torch.where(running, max_iters, status)
             running = status == RUNNING
         h, accept, tau_new, f_end = it.h, it.accept, it.tau_new, it.f_end
 
@@ -264,7 +280,8 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
         if defer_saves:
             size = step.ks.numel() + 3 * y.numel()
             if pending and (pending_size + size > SAVE_BUFFER_ELEMENTS or step.ks.shape != pending[0][3].shape):
-                next_save = _flush_saves(method, pending, tau_save, next_save, saved_vals, saved_idx)
+                next_save = _flush_saves(method, pending, tau_save, next_save, saved_vals, saved_idx,
+                                         rhs, lazy_evals)
                 pending, pending_size = [], 0
             pending.append((tau, h, y, step.ks, step.y1, f_end, tau_new))
             pending_size += size
@@ -291,6 +308,8 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
             tq = torch.gather(tau_save, 1, idx.clamp(max=T - 1))
             safe_h = torch.where(accept, h, 1.0)
             theta = torch.where(valid, (tq - tau[:, None]) / safe_h[:, None], 0.0)
+            # Steps that stop at save points end on them (a save point is never inside a step), so
+            # every value here is a step's y1: an interpolant's lazy stages are not evaluated.
             vals = method.interpolate(y, h, step.ks, step.y1, f_end, theta)
             at_end = (tq >= tau_new[:, None])[..., None]
             vals = torch.where(at_end, step.y1[:, None], vals)
@@ -300,8 +319,13 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
 
         if opts.probe is not None:
             finished = it.hit & (it.target == tau_end)
-            probe_tau, probe_y = _update_probe(opts.probe, method, accept, finished, tau, h,
-                                               tau_new, y, step, f_end, probe_tau, probe_y, probe_count)
+            if lazy and opts.probe[0] == "unbiased":
+                # Keep the step that holds the time; interpolate once after the loop (its lazy
+                # stages cost evaluations that only that one step needs).
+                probe_step = _keep_probe_step(opts.probe[1], accept, tau, tau_new, h, y, step, f_end, probe_step)
+            else:
+                probe_tau, probe_y = _update_probe(opts.probe, method, accept, finished, tau, h,
+                                                   tau_new, y, step, f_end, probe_tau, probe_y, probe_count)
             probe_count = probe_count + (accept & ~finished)
 
         if it.stiffness_terms is not None:  # computed for many steps at once (_flush_stiffness); a placeholder until then
@@ -338,7 +362,11 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
     if stiff_pending:
         _flush_stiffness(method, stiff_pending, trace["stiffness"], norm)
     if pending:
-        next_save = _flush_saves(method, pending, tau_save, next_save, saved_vals, saved_idx)
+        next_save = _flush_saves(method, pending, tau_save, next_save, saved_vals, saved_idx, rhs, lazy_evals)
+    if lazy_evals:
+        nfe = nfe + torch.stack(lazy_evals).sum(0)
+    if probe_step is not None:
+        probe_tau, probe_y = _interpolate_probe(method, rhs, opts.probe[1], probe_step, probe_tau, probe_y)
     ys = _assemble_saves(y0, saved_vals, saved_idx, T)
     return LoopResult(ys=ys, status=status, nfe=nfe, naccept=naccept, nreject=iters - naccept, counters=counters,
                       trace=_compact(trace, "accept"),
@@ -358,7 +386,7 @@ def _flush_stiffness(method, terms, series, norm):
     terms.clear()
 
 
-def _flush_saves(method, pending, tau_save, next_save, saved_vals, saved_idx):
+def _flush_saves(method, pending, tau_save, next_save, saved_vals, saved_idx, rhs=None, lazy_evals=None):
     """Values at the save points that the buffered steps covered, in one batched interpolation.
 
     pending holds per iteration (tau, h, y0, ks, y1, f1, tau_new) for every sample (rejected and
@@ -367,6 +395,10 @@ def _flush_saves(method, pending, tau_save, next_save, saved_vals, saved_idx):
     tau_new is the previous end, so that step is the accepted one with tau < tq <= tau_new. The
     values are those the per-step computation gives: the method's interpolant at θ = (tq − tau)/h,
     and y1 itself where tq is the step's end. Returns the advanced next_save.
+
+    An interpolant with lazy stages (method.extra_stages > 0) gets them per buffered step that holds
+    a save point of some sample strictly inside: rhs is called on that step's (B, n) batch, never
+    on the gathered rows; each sample is charged (in lazy_evals) for the steps it needed.
     """
     taus, hs, ys, kss, y1s, fs, tnews = (torch.stack(x) for x in zip(*pending))  # (M, B, ...)
     M, B = taus.shape
@@ -385,7 +417,25 @@ def _flush_saves(method, pending, tau_save, next_save, saved_vals, saved_idx):
     tau_m, h_m, tnew_m, y1_m = pick(taus), pick(hs), pick(tnews), pick(y1s)
     tq, valid_f = tq.reshape(-1), valid.reshape(-1)
     theta = torch.where(valid_f, (tq - tau_m) / torch.where(valid_f, h_m, 1.0), 0.0)[:, None]
-    vals = method.interpolate(pick(ys), h_m, pick(kss), y1_m, pick(fs), theta)[:, 0]
+    lazy = getattr(method, "extra_stages", 0) if rhs is not None else 0
+    steps = []
+    if lazy:
+        # need[i, b]: a save point of sample b lies inside buffered step i (one at its end is y1).
+        inner = valid_f & (tq < tnew_m)
+        need = torch.zeros(M * B, dtype=torch.long, device=rows.device)
+        need = need.scatter_reduce(0, rows, inner.long(), "amax").view(M, B).bool()
+        steps = need.any(1).nonzero().flatten().tolist()
+    if steps:
+        ext = torch.stack([method.extend_stages(rhs, taus[i], ys[i], hs[i], kss[i], use=need[i])
+                           for i in steps])                                 # (M', B, s + e, n)
+        pos = torch.zeros(M, dtype=torch.long, device=rows.device)
+        pos[steps] = torch.arange(len(steps), device=rows.device)
+        rows_e = (pos[m] * B + torch.arange(B, device=m.device)[:, None]).reshape(-1)
+        ks_m = ext.reshape((len(steps) * B,) + ext.shape[2:]).index_select(0, rows_e)
+        lazy_evals.append(need.sum(0) * lazy)
+    else:
+        ks_m = pick(kss)
+    vals = method.interpolate(pick(ys), h_m, ks_m, y1_m, pick(fs), theta)[:, 0]
     vals = torch.where((tq >= tnew_m)[:, None], y1_m, vals)
     saved_vals.append(vals.reshape(B, K, -1))
     saved_idx.append(torch.where(valid, idx, T))
@@ -437,3 +487,24 @@ def _update_probe(probe, method, accept, finished, tau, h, tau_new, y, step, f_e
         u = torch.rand(accept.shape, generator=arg, dtype=tau.dtype, device="cpu").to(tau.device)
         take = eligible & (u * k < 1)
         return torch.where(take, tau_new, probe_tau), torch.where(take[:, None], step.y1.detach(), probe_y)
+
+
+def _keep_probe_step(tau_reg, accept, tau, tau_new, h, y, step, f_end, kept):
+    """The data of the accepted step that holds each sample's regularization time (detached)."""
+    inside = accept & (tau < tau_reg) & (tau_reg <= tau_new)
+    new = (inside, tau, h, y, step.ks, step.y1, f_end)
+    if kept is None:
+        return tuple(x.detach() for x in new)
+    col = lambda x: inside.view((-1,) + (1,) * (x.dim() - 1))
+    return (kept[0] | inside,) + tuple(torch.where(col(a), a.detach(), b) for a, b in zip(new[1:], kept[1:]))
+
+
+def _interpolate_probe(method, rhs, tau_reg, kept, probe_tau, probe_y):
+    """The unbiased probe from the kept step, as _update_probe computes it per step."""
+    found, tau, h, y, ks, y1, f1 = kept
+    with torch.no_grad():
+        theta = ((tau_reg - tau) / torch.where(found, h, torch.ones_like(h)))[:, None]
+        theta = torch.where(found[:, None], theta, torch.zeros_like(theta))
+        ks = method.extend_stages(rhs, tau, y, h, ks, use=found)
+        val = method.interpolate(y, h, ks, y1, f1, theta)[:, 0]
+        return torch.where(found, tau_reg, probe_tau), torch.where(found[:, None], val, probe_y)
