@@ -535,8 +535,8 @@ def main(argv=None):
             results.update({k: tuple(v) for k, v in d["results"].items()})
             checks.update(d["checks"])
             total += d.get("total", 0.0)
-            vars(args).update({k: v for k, v in d.get("args", {}).items() if k in ("batch", "ref_samples", "ref_rtol",
-                                                                                    "repeats", "load_note")})
+            kept = ("batch", "ref_samples", "ref_rtol", "repeats") + (() if args.load_note else ("load_note",))
+            vars(args).update({k: v for k, v in d.get("args", {}).items() if k in kept})
         text = render(results, args, total, checks).replace(
             f"whole run {total:.0f} s", f"whole run {total:.0f} s over {len(args.merge.split(','))} processes "
             "run side by side, merged with --merge")
