@@ -477,10 +477,7 @@ def _update_probe(probe, method, accept, finished, tau, h, tau_new, y, step, f_e
     with torch.no_grad():
         if kind == "unbiased":
             inside = accept & (tau < arg) & (arg <= tau_new)
-            theta = ((arg - tau) / torch.where(inside, h, torch.ones_like(h)))[:, None]
-            theta = torch.where(inside[:, None], theta, torch.zeros_like(theta))
-            val = method.interpolate(y, h, step.ks, step.y1, f_end, theta)[:, 0]
-            return torch.where(inside, arg, probe_tau), torch.where(inside[:, None], val, probe_y)
+            return _probe_at(method, arg, inside, tau, h, y, step.ks, step.y1, f_end, probe_tau, probe_y)
         # biased: the k-th eligible step end replaces the kept one with probability 1/k.
         eligible = accept & ~finished
         k = count + 1
@@ -503,8 +500,13 @@ def _interpolate_probe(method, rhs, tau_reg, kept, probe_tau, probe_y):
     """The unbiased probe from the kept step, as _update_probe computes it per step."""
     found, tau, h, y, ks, y1, f1 = kept
     with torch.no_grad():
-        theta = ((tau_reg - tau) / torch.where(found, h, torch.ones_like(h)))[:, None]
-        theta = torch.where(found[:, None], theta, torch.zeros_like(theta))
         ks = method.extend_stages(rhs, tau, y, h, ks, use=found)
-        val = method.interpolate(y, h, ks, y1, f1, theta)[:, 0]
-        return torch.where(found, tau_reg, probe_tau), torch.where(found[:, None], val, probe_y)
+        return _probe_at(method, tau_reg, found, tau, h, y, ks, y1, f1, probe_tau, probe_y)
+
+
+def _probe_at(method, tau_reg, inside, tau, h, y, ks, y1, f1, probe_tau, probe_y):
+    """(tau_reg, y(tau_reg)) for the samples whose step (tau, h, ...) holds tau_reg, else the kept ones."""
+    theta = ((tau_reg - tau) / torch.where(inside, h, torch.ones_like(h)))[:, None]
+    theta = torch.where(inside[:, None], theta, torch.zeros_like(theta))
+    val = method.interpolate(y, h, ks, y1, f1, theta)[:, 0]
+    return torch.where(inside, tau_reg, probe_tau), torch.where(inside[:, None], val, probe_y)
