@@ -14,7 +14,8 @@ libraries thus see different (but identically distributed) paths for the same se
 comparable in distribution, not sample by sample. Every timed call builds a fresh Brownian object
 (same seed -> same path), so the cost of generating the path is included for both.
 
-Contenders: pybridge SOSRI (adaptive, rtol = atol), SRIW1, RKMil and EM (fixed dt = 2^-k);
+Contenders: pybridge SOSRI (adaptive, rtol = atol), SRIW1, RKMil and EM (fixed dt = 2^-k), and SRIW1
+and EM with compile=True (the loop iteration as one compiled graph; compiled in an untimed first solve);
 torchsde srk, milstein and euler (fixed dt = 2^-k) and srk / milstein in torchsde's adaptive mode
 (rtol = atol; one step size for the whole batch). One thread (report.single_thread_env()).
 "At equal strong error": for each library the cheapest contender at that error (log-log
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 from benchmarks import report
 
@@ -66,10 +68,16 @@ def pb_run(B, solver, seed, **kw):
 
 
 def pb_point(B, name, solver, seed, repeats, **kw):
-    wall, n, (sol, bm) = report.timed(pb_run(B, solver, seed, **kw), repeats)
+    fn = pb_run(B, solver, seed, **kw)
+    warmup = None
+    if kw.get("compile"):  # the first solve of a shape compiles: timed apart, as in the other benchmarks
+        start = time.perf_counter()
+        fn()
+        warmup = time.perf_counter() - start
+    wall, n, (sol, bm) = report.timed(fn, repeats)
     err = (sol.ys[-1] - exact(bm(0.0, 1.0))).abs().mean().item()
     steps = int((sol.stats.naccept + sol.stats.nreject).max())
-    return dict(lib="pybridge", name=name, err=err, wall=wall, n=n, steps=steps)
+    return dict(lib="pybridge", name=name, err=err, wall=wall, n=n, steps=steps, warmup=warmup)
 
 
 # -- torchsde -------------------------------------------------------------------------------------
@@ -133,6 +141,9 @@ def run_batch(B, args):
         add(pb_point, B, f"SRIW1 dt=2^-{k}", pb.SRIW1(), seed, args.repeats, adaptive=False, dt=dt)
         add(pb_point, B, f"RKMil dt=2^-{k}", pb.RKMil(), seed, args.repeats, adaptive=False, dt=dt)
         add(pb_point, B, f"EM dt=2^-{k}", pb.EM(), seed, args.repeats, adaptive=False, dt=dt)
+        for solver in (pb.SRIW1(), pb.EM()):
+            add(pb_point, B, f"{solver.name} (compile=True) dt=2^-{k}", solver, seed, args.repeats, adaptive=False,
+                dt=dt, compile=True)
         for method in ("srk", "milstein", "euler"):
             add(ts_point, B, f"{method} dt=2^-{k}", method, seed, args.repeats, dt=dt)
     for tol in tols:
@@ -172,7 +183,9 @@ def render(results, args):
              + (f" Note: {args.load_note}" if args.load_note else ""), "",
              "GBM, diagonal noise (m = 2), t ∈ [0, 1], float64, one thread; strong error = mean |y(1) − exact| "
              "on each library's own Brownian path (see benchmarks/sde.py). Wall = median over repeats, "
-             "including building the Brownian path object.", ""]
+             "including building the Brownian path object. Contenders with compile=True compile at their "
+             "first solve of each batch size; that solve is run untimed beforehand (the slowest such warm-up "
+             "is given under each table).", ""]
     for B, pts in results.items():
         lines += [f"### batch {B}", "", "| library | contender | strong error | wall | max steps |", "|---|---|---|---|---|"]
         for p in pts:
@@ -181,6 +194,9 @@ def render(results, args):
                          f"{'—' if p['steps'] is None else p['steps']} |")
         cmp = compare(pts)
         lines.append("")
+        warm = [p["warmup"] for p in pts if p.get("warmup")]
+        if warm:
+            lines += [f"compile=True warm-up (first solve, untimed above): up to {max(warm):.1f} s.", ""]
         if cmp:
             ratios = [r for *_, r in cmp]
             lines.append(f"At equal strong error (each library's cheapest contender, log-log interpolation, {len(cmp)} "

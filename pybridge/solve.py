@@ -53,9 +53,10 @@ def solve(prob: ODEProblem, solver: Optional[Solver] = None, *, engine: str = "t
     progress: show a tqdm bar over the integration span (torch engine; the slowest running
     sample's progress; read in the loop's one host transfer per step, so no extra syncs).
     compile: run each loop iteration (step, error norm, controller, bookkeeping) as one
-    torch.compile'd graph (torch engine; explicit RK and Rosenbrock solvers). Pays off on small
-    problems, where dispatching a few hundred small ops per step costs more than the arithmetic;
-    the first solve of each shape compiles (seconds to a minute).
+    torch.compile'd graph (torch engine; explicit RK, Rosenbrock and SDE solvers — an SDE step's
+    Brownian increments are drawn eagerly just before it). Pays off on small problems, where
+    dispatching a few hundred small ops per step costs more than the arithmetic; the first solve
+    of each shape compiles (seconds to a minute).
     """
     is_sde = isinstance(prob, SDEProblem)
     if solver is None:
@@ -117,11 +118,11 @@ def solve(prob: ODEProblem, solver: Optional[Solver] = None, *, engine: str = "t
         raise TypeError(f"compile must be True or False; got {compile!r}")
     if compile and engine != "torch":
         raise ValueError(f"compile=True is available on the torch engine only; got engine={engine!r}")
-    if compile and solver.family not in ("explicit_rk", "rosenbrock"):
-        # ESDIRK Newton iterations, auto-switching and SDE steps (the Brownian tree's walk) decide
-        # on the host how far to loop: none of them traces into one graph.
-        raise ValueError(f"compile=True is available for the explicit Runge–Kutta and Rosenbrock solvers "
-                         f"(Tsit5(), Vern7(), Rodas5P(), ...); got solver={solver!r}")
+    if compile and solver.family not in ("explicit_rk", "rosenbrock", "sde"):
+        # ESDIRK Newton iterations and auto-switching decide on the host how far to loop: neither
+        # traces into one graph.
+        raise ValueError(f"compile=True is available for the explicit Runge–Kutta, Rosenbrock and SDE solvers "
+                         f"(Tsit5(), Vern7(), Rodas5P(), SOSRI(), ...); got solver={solver!r}")
     if progress and engine != "torch":
         raise ValueError(f"progress=True is available on the torch engine only; got engine={engine!r}")
     if progress:

@@ -267,3 +267,37 @@ def test_dyadic_depth_cut_changes_only_rounding():
     depth = lambda *r: bm._query_depth(torch.tensor(r, dtype=torch.float64)[:, None])  # noqa: E731
     assert depth(0.25, 0.5 + 1e-9) == depth(0.25, 0.5 + 2.0**-21) == bm.depth
     assert depth(0.25, 0.375) == 3 and depth(0.0, 1.0) == 0 and depth(0.0, 2.0**-20) == 20
+
+
+@pytest.mark.parametrize("levy", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_grid_intervals_dyadic_cells(levy, dtype):
+    """Fixed-step grids of span/2^k are built breadth-first from the tree's nodes (grid_intervals);
+    they agree with one query per interval to rounding, and other grids take the general route."""
+    B = 5
+    bm = VirtualBrownianTree(-1.0, 3.0, (B, 2), seed=2, levy_area=levy, dtype=dtype)
+    tol = dict(rtol=0, atol=1e-13) if dtype == torch.float64 else dict(rtol=0, atol=1e-6)
+    for k, j0, K in [(0, 0, 1), (3, 0, 8), (9, 37, 100), (20, 12345, 7)]:
+        h = 4.0 * 2.0**-k
+        s = -1.0 + h * torch.arange(j0, j0 + K, dtype=torch.float64)
+        t = -1.0 + h * torch.arange(j0 + 1, j0 + K + 1, dtype=torch.float64)
+        assert bm._as_dyadic_cells(s, t) == (k, j0, K)
+        W, H = bm.grid_intervals(s, t, area=levy)
+        assert W.shape == (K, B, 2) and W.dtype == dtype and (H is None) != levy
+        for i in range(K):
+            if levy:
+                w, a = bm.increment_and_area(s[i], t[i])
+                torch.testing.assert_close(H[i], a, **tol)
+            else:
+                w = bm(s[i], t[i])
+            torch.testing.assert_close(W[i], w, **tol)
+    # not cells of one level: uneven, misaligned, per-sample grids
+    grid = -1.0 + 4.0 * torch.arange(9, dtype=torch.float64) / 8
+    assert bm._as_dyadic_cells(grid[:-2] + 0.1, grid[1:-1] + 0.1) is None  # not dyadic
+    assert bm._as_dyadic_cells(grid[:-2] + 0.25, grid[1:-1] + 0.25) is None  # dyadic, half a cell off
+    assert bm._as_dyadic_cells(grid[[0, 1, 3]], grid[[1, 3, 4]]) is None
+    assert bm._as_dyadic_cells(grid[1:-1:2], grid[3::2]) is None  # width 2 cells starting at odd cell
+    per_sample = grid[:, None] + torch.linspace(0, 0.5, B, dtype=torch.float64)
+    assert bm._as_dyadic_cells(per_sample[:-1].clamp(max=3.0), per_sample[1:].clamp(max=3.0)) is None
+    W, _ = bm.grid_intervals(grid[:-2] + 0.1, grid[1:-1] + 0.1)
+    assert torch.equal(W, bm.intervals(grid[:-2] + 0.1, grid[1:-1] + 0.1)[0])

@@ -245,6 +245,78 @@ class VirtualBrownianTree:
         return unflat(W), unflat(H)
 
     # -- internals ----------------------------------------------------------------------------
+    def grid_intervals(self, s: torch.Tensor, t: torch.Tensor, area: bool = False):
+        """``intervals`` for a fixed-step grid, equal to it up to rounding: when the K intervals are
+        consecutive cells of one dyadic level of the tree (normalised [j 2^-k, (j+1) 2^-k], the same
+        for every sample — fixed steps of span/2^k), their values are the tree's own node values,
+        built breadth-first (``_dyadic_cells``: each node drawn once, ~2K + 2k node splits for all
+        K cells instead of K descents of k levels). Other grids go to ``intervals``."""
+        if area and not self.levy_area:
+            raise ValueError("construct with levy_area=True to get the space-time Lévy area")
+        cells = self._as_dyadic_cells(s, t)
+        if cells is None:
+            return self.intervals(s, t, area)
+        W, H = self._dyadic_cells(*cells, area)
+        unflat = lambda x: None if x is None else x.reshape(x.shape[0], *self.shape)  # noqa: E731
+        return unflat(W), unflat(H)
+
+    def _as_dyadic_cells(self, s, t):
+        """(level k, first cell j0, count K) if [s_i, t_i] are the consecutive level-k cells j0 … j0+K−1
+        for every sample; else None. CPU only (reads the times on the host)."""
+        if self.device.type != "cpu":
+            return None
+        rs, rt = self._normalise(s, many=True), self._normalise(t, many=True)
+        if not (torch.equal(rs, rs[:, :1].expand_as(rs)) and torch.equal(rt, rt[:, :1].expand_as(rt))):
+            return None  # per-sample grids differ
+        ends = torch.cat([rs[:, 0], rt[-1:, 0]]) * 2.0**self.depth  # exact: power-of-two scaling
+        if not bool((ends == torch.floor(ends)).all()) or not torch.equal(rt[:-1, 0], rs[1:, 0]):
+            return None
+        v = ends.long()
+        width = v[1:] - v[:-1]
+        cell = int(width[0])
+        if cell <= 0 or cell & (cell - 1) or not bool((width == cell).all()) or int(v[0]) % cell:
+            return None  # not one power-of-two cell width, or not aligned to it
+        k = self.depth - (cell.bit_length() - 1)
+        return k, int(v[0]) // cell, width.numel()
+
+    def _dyadic_cells(self, k: int, j0: int, K: int, area: bool):
+        """(W, H or None) over the level-k cells j0 … j0+K−1, each (K, B, m). From the root, each level
+        splits only the ancestors of those cells (a contiguous run of nodes), with the same draws
+        and the same arithmetic as one step of ``_core_stepwise``'s descent (Foster Thm 6.1.6)."""
+        levy, dt = self.levy_area, self.dtype
+        base = self._base[..., None]  # (m, B, 1)
+
+        def node_normals(ids):  # the words of _hash for these node ids, as (m, B, len(ids))
+            return _normals(_mix(base ^ _mix(ids * _GOLDEN + _NODE_SALT)), dt, levy)
+
+        z1, z2 = node_normals(torch.zeros(1, dtype=torch.int64, device=self.device))
+        w = z1  # W over each node of the current run, (m, B, width)
+        hh = z2 / math.sqrt(12.0) if levy else None  # bhh over it
+        lo = 0  # first node of the run at level l
+        for l in range(k):
+            su = 2.0**-l
+            ids = (1 << l) + torch.arange(lo, lo + w.shape[-1], device=self.device)
+            z1, z2 = node_normals(ids)
+            if levy:
+                z = z1 * (math.sqrt(su) / 4.0)
+                q = (su / 4.0) * (z2 * math.sqrt(su / 12.0))
+                t2 = (1.5 / su) * hh + z
+                b1 = hh / 8.0 - (su / 4.0) * z
+                hh = torch.stack([b1 + q, b1 - q], -1).flatten(-2)  # children: left, right
+            else:
+                t2 = (math.sqrt(su) / 2.0) * z1
+            w = torch.stack([0.5 * w + t2, 0.5 * w - t2], -1).flatten(-2)
+            # keep the children that are ancestors of the target cells
+            shift = k - l - 1
+            first, last = j0 >> shift, (j0 + K - 1) >> shift
+            keep = slice(first - 2 * lo, last - 2 * lo + 1)
+            w, lo = w[..., keep], first
+            hh = hh[..., keep] if levy else None
+        scale = self._sqrt_len[..., None]  # (1, B, 1)
+        out = lambda x: x.permute(2, 1, 0).contiguous()  # noqa: E731  (m, B, K) -> (K, B, m)
+        W = out(w * scale)
+        return W, (out(hh * (2.0**k * scale)) if area else None)
+
 
     def _normalise(self, t: Time, many: bool = False) -> torch.Tensor:
         """Normalised times (B,), or (K, B) for ``many`` (times of shape (K, B) or (K,))."""

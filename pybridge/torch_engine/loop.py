@@ -108,11 +108,11 @@ class Advance:
         # stopped rather than allowed to shrink the batch's step. Otherwise it retries smaller.
         self.stop_diverged = not opts.adaptive or opts.lockstep
 
-    def __call__(self, tau, y, dt, k1, errold, status, active, next_save) -> Iteration:
-        opts, method, code = self.opts, self.method, self.code
+    def aim(self, tau, dt, active, next_save):
+        """(target, hit, h): the time each sample aims at, whether this step lands on it, the step."""
         T = self.tau_save.shape[1]
         # Steps never pass the end, nor, for methods without a good interpolant, the next save point.
-        if opts.stop_at_saves:
+        if self.opts.stop_at_saves:
             target = torch.gather(self.tau_save, 1, next_save.clamp(max=T - 1)[:, None])[:, 0]
             # The slack is relative to the target being aimed at (a save point far below t_end must
             # not inherit t_end's slack, or a retry towards it could never shrink).
@@ -122,7 +122,17 @@ class Advance:
         remaining = target - tau
         hit = active & (dt >= remaining - slack)
         h = torch.where(hit, remaining, torch.where(active, dt, self.zero))   # hit ⊆ active
-        step = method.step(self.rhs, tau, y, h, k1)
+        return target, hit, h
+
+    def __call__(self, tau, y, dt, k1, errold, status, active, next_save, noise=None) -> Iteration:
+        """noise: an SDE step's Brownian increments over [tau, tau + h], drawn beforehand (compiled
+        loops, see integrate); otherwise the step draws them itself."""
+        opts, method, code = self.opts, self.method, self.code
+        target, hit, h = self.aim(tau, dt, active, next_save)
+        if noise is None:
+            step = method.step(self.rhs, tau, y, h, k1)
+        else:
+            step = method.step(self.rhs, tau, y, h, k1, noise)
 
         finite_y1 = rows_finite(step.y1)
         if step.err is not None:
@@ -254,14 +264,17 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
         atol, rtol = (x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=dtype, device=device)
                       for x in (atol, rtol))
         tau, y, dt, k1, errold = (x.clone(memory_format=torch.contiguous_format) for x in (tau, y, dt, k1, errold))
-        advance = _compiled(Advance(rhs, method, norm, controller, opts, atol, rtol, tau_save, dtmax))
-    else:
-        advance = Advance(rhs, method, norm, controller, opts, atol, rtol, tau_save, dtmax)
+    plain = Advance(rhs, method, norm, controller, opts, atol, rtol, tau_save, dtmax)
+    advance = _compiled(plain) if opts.compile else plain
+    # An SDE step's Brownian increments come from host-side tree walks and look-ahead checks, which
+    # do not trace: a compiled loop draws them eagerly for the step it is about to take.
+    draw_outside = opts.compile and hasattr(method, "increments")
 
     active = status == RUNNING
     while True:
         n_iter += 1
-        it = advance(tau, y, dt, k1, errold, status, active, next_save)
+        noise = method.increments(tau, plain.aim(tau, dt, active, next_save)[2]) if draw_outside else None
+        it = advance(tau, y, dt, k1, errold, status, active, next_save, noise)
         step, status, running = it.step, it.status, it.running
         actives.append(active)
         step_nfes.append(step.nfe)

@@ -138,7 +138,7 @@ class StepAhead:
         S = torch.stack(S)
         self.T = torch.minimum(S + h, self.t_end)
         self.S = torch.minimum(S, self.t_end)  # steps predicted past the end: empty, never matched
-        self.W, self.H = self.bm.intervals(self.S, self.T, area=area)
+        self.W, self.H = self.bm.grid_intervals(self.S, self.T, area=area)
         self.n = k
 
 
@@ -146,6 +146,7 @@ class SDEMethod:
     """Shared machinery: Brownian increments, linear interpolation, no stiffness estimate."""
 
     interpolation_order = 1
+    needs_area = False  # the step uses the space-time Lévy area H (SRI, SRA)
     stability_size = float("nan")
     tableau = None
     adaptive = True
@@ -165,9 +166,14 @@ class SDEMethod:
         if isinstance(self.bm, VirtualBrownianTree) and self.t_end.device.type == "cpu":
             self.ahead = StepAhead(self.bm, self.t_end, self.B, self.m)
 
-    def increments(self, tau, h, area: bool = False):
-        """(ΔW, H) over [τ, τ+h] per sample, in y's dtype; H the space-time Lévy area (or None).
-        The end is clamped to the span (a local-regularization probe may reach past it)."""
+    def increments(self, tau, h, noise=None):
+        """(ΔW, H) over [τ, τ+h] per sample, in y's dtype; H the space-time Lévy area (None unless the
+        method ``needs_area``). ``noise``: the same pair drawn beforehand (compiled loops draw it
+        outside the graph, see loop.integrate); returned as given. The end is clamped to the span
+        (a local-regularization probe may reach past it)."""
+        if noise is not None:
+            return noise
+        area = self.needs_area
         s, t = tau, torch.minimum(tau + h, self.t_end)
         if self.ahead is not None:
             dW, H = self.ahead(s, t, h, area)
@@ -199,8 +205,8 @@ class SDEMethod:
 class EM(SDEMethod):
     adaptive = False
 
-    def step(self, rhs, tau, y, h, k1):
-        dW, _ = self.increments(tau, h)
+    def step(self, rhs, tau, y, h, k1, noise=None):
+        dW, _ = self.increments(tau, h, noise)
         y1 = y + h[:, None] * k1 + self.g.times(self.g(tau, y), dW)
         return SDEStep(y1, None, k1[:, None], (), 1)
 
@@ -211,8 +217,8 @@ class LambaEM(SDEMethod):
     derivative-free g g' ≈ (g(K + g√h) − g)/√h. g is taken at (t, y) (plain EM; lamba.jl mixes
     (t+h, y) and (t+h, K) between its two caches)."""
 
-    def step(self, rhs, tau, y, h, k1):
-        dW, _ = self.increments(tau, h)
+    def step(self, rhs, tau, y, h, k1, noise=None):
+        dW, _ = self.increments(tau, h, noise)
         hc = h[:, None]
         sq = self.safe_h(h).sqrt()
         L = self.g(tau, y)
@@ -235,8 +241,8 @@ class EulerHeun(SDEMethod):
 
     adaptive = False
 
-    def step(self, rhs, tau, y, h, k1):
-        dW, _ = self.increments(tau, h)
+    def step(self, rhs, tau, y, h, k1, noise=None):
+        dW, _ = self.increments(tau, h, noise)
         hc = h[:, None]
         g0 = self.g(tau, y)
         yt = y + hc * k1 + self.g.times(g0, dW)
@@ -255,8 +261,8 @@ class RKMil(SDEMethod):
         super().__init__(g, bm, t_end)
         self.stratonovich = stratonovich
 
-    def step(self, rhs, tau, y, h, k1):
-        dW, _ = self.increments(tau, h)
+    def step(self, rhs, tau, y, h, k1, noise=None):
+        dW, _ = self.increments(tau, h, noise)
         hc = h[:, None]
         sq = self.safe_h(h).sqrt()
         K = y + hc * k1
@@ -278,6 +284,8 @@ class SRI(SDEMethod):
     """Rößler's SRI family for diagonal/scalar Itô noise (StochasticDiffEq.jl perform_step/sri.jl,
     SRIConstantCache); one routine for every tableau. ΔZ = 2√3·H gives I_(1,0)/h = ΔW/2 + H."""
 
+    needs_area = True
+
     def __init__(self, tab, g, bm, t_end):
         super().__init__(g, bm, t_end)
         self.tableau_data = tab
@@ -297,9 +305,9 @@ class SRI(SDEMethod):
         self.same_g = [i > 0 and zero_row(tab.A1, i) and zero_row(tab.B1, i) and tab.c1[i] == tab.c1[0]
                        for i in range(s)]
 
-    def step(self, rhs, tau, y, h, k1):
+    def step(self, rhs, tau, y, h, k1, noise=None):
         tab = self.tableau_data
-        dW, H = self.increments(tau, h, area=True)
+        dW, H = self.increments(tau, h, noise)
         hc = h[:, None]
         hs = self.safe_h(h)
         sq = hs.sqrt()
@@ -335,15 +343,17 @@ class SRI(SDEMethod):
 class SRA(SDEMethod):
     """Rößler's SRA family for additive noise (StochasticDiffEq.jl perform_step/sra.jl, SRAConstantCache)."""
 
+    needs_area = True
+
     def __init__(self, tab, g, bm, t_end):
         super().__init__(g, bm, t_end)
         self.tableau_data = tab
         self.order = tab.order
         self.delta = tab.delta
 
-    def step(self, rhs, tau, y, h, k1):
+    def step(self, rhs, tau, y, h, k1, noise=None):
         tab = self.tableau_data
-        dW, H = self.increments(tau, h, area=True)
+        dW, H = self.increments(tau, h, noise)
         hc = h[:, None]
         chi2 = dW / 2 + H
         F, G = [], []
@@ -383,8 +393,8 @@ class ReversibleHeun(SDEMethod):
         mu, sig = k[:, :self.n], k[:, self.n:]
         return mu, (sig.reshape(sig.shape[0], self.n, self.m) if self.g.mode == "matrix" else sig)
 
-    def step(self, rhs, tau, z, h, k1):
-        dW, _ = self.increments(tau, h)
+    def step(self, rhs, tau, z, h, k1, noise=None):
+        dW, _ = self.increments(tau, h, noise)
         hc = h[:, None]
         y, yh = z[:, :self.n], z[:, self.n:]
         mu, sig = self.split_k(k1)
