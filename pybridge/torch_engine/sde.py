@@ -322,15 +322,15 @@ class SRI(SDEMethod):
                 if i == 0 or self.same_f[i]:
                     fi = k1
                 else:
-                    H0 = y + hc * _comb(tab.A0[i], F) + chi2 * _comb(tab.B0[i], G)
-                    fi = rhs(tau + tab.c0[i] * h, H0)
+                    H0 = _axpy(_axpy(y, hc, _comb(tab.A0[i], F)), chi2, _comb(tab.B0[i], G))
+                    fi = rhs(torch.add(tau, h, alpha=tab.c0[i]), H0)
                     nfe += 1
             if self.need_g[i]:
                 if self.same_g[i] and G[0] is not None:
                     gi = G[0]
                 else:
-                    H1 = y + hc * _comb(tab.A1[i], F) + sq * _comb(tab.B1[i], G) if i > 0 else y
-                    gi = self.g(tau + tab.c1[i] * h, H1)
+                    H1 = _axpy(_axpy(y, hc, _comb(tab.A1[i], F)), sq, _comb(tab.B1[i], G)) if i > 0 else y
+                    gi = self.g(torch.add(tau, h, alpha=tab.c1[i]), H1)
                     nfe += 1
             F.append(fi)
             G.append(gi)
@@ -416,15 +416,25 @@ class AugmentedRHS:
         return torch.cat([self.drift(tau, yh), self.diffusion(tau, yh).reshape(z.shape[0], -1)], 1)
 
 
+def _axpy(y, a, x):
+    """y + a·x in one fused op (torch.addcmul), or y when x is the empty sum 0."""
+    return y if isinstance(x, float) else torch.addcmul(y, a, x)
+
+
 def _comb(coeffs, vals, mult=None):
-    """Σ_i c_i v_i over the nonzero coefficients (times mult, elementwise, when given); 0 if none."""
+    """Σ_i c_i v_i over the nonzero coefficients, times mult (elementwise) when given; 0 if none.
+    Each term is one fused multiply-add (torch.add's alpha): these steps are launch-bound."""
     acc = None
     for c, v in zip(coeffs, vals):
         if c == 0:
             continue
-        term = c * v if mult is None else c * (v * mult)
-        acc = term if acc is None else acc + term
-    return acc if acc is not None else 0.0
+        if acc is None:
+            acc = v if c == 1 else c * v
+        else:
+            acc = torch.add(acc, v, alpha=c)
+    if acc is None:
+        return 0.0
+    return acc if mult is None else acc * mult
 
 
 def build_sde_method(solver, g: Diffusion, bm, t_end, interpretation):
