@@ -138,7 +138,11 @@ def test_compiled_sde_matches_eager(solver, kw):
     compiled, g_compiled = run(True)
     assert torch.equal(compiled.stats.naccept, eager.stats.naccept)
     assert torch.equal(compiled.stats.nreject, eager.stats.nreject)
+    # Fixed steps: the same increments, so rounding-level agreement. Adaptive: the compiled graph
+    # rounds step sizes differently in the last bit, and a Brownian path moved by δ in time changes
+    # by ~√δ, so agreement is at ~√eps.
+    tol = dict(rtol=1e-10, atol=1e-13) if "dt" in kw else dict(rtol=1e-6, atol=1e-9)
     if "dt" not in kw:
         assert int(eager.stats.nreject.sum()) > 0  # the rejected-step path was exercised
-    torch.testing.assert_close(compiled.ys, eager.ys, rtol=1e-10, atol=1e-13)
-    torch.testing.assert_close(g_compiled, g_eager, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(compiled.ys, eager.ys, **tol)
+    torch.testing.assert_close(g_compiled, g_eager, rtol=100 * tol["rtol"], atol=100 * tol["atol"])

@@ -189,22 +189,22 @@ class Advance:
                          f_end, extra_eval, stiff, stiff_terms)
 
 
-def _compiled(advance):
-    compiled = torch.compile(advance)
-
-    def run(*args):
-        # An integer a module updates in forward (a call counter) would otherwise be a constant of
-        # the graph: a recompilation per call until torch gives up and falls back to eager. With
-        # this flag (and automatic dynamic shapes) it becomes a graph input after one recompilation.
-        # Every solve shares Advance.__call__'s cache (one entry per solver, problem and mode), so
-        # allow more entries than torch's default 8 before it falls back to eager.
-        with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True, recompile_limit=64):
-            return compiled(*args)
-    return run
-
-
 def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, atol, rtol,
               opts: LoopOptions) -> LoopResult:
+    if not opts.compile:
+        return _integrate(rhs, method, tau_save, y0, atol, rtol, opts)
+    # An integer a module updates in forward (a call counter) would otherwise be a constant of the
+    # compiled graph: a recompilation per call until torch gives up and falls back to eager. With
+    # this flag (and automatic dynamic shapes) it becomes a graph input after one recompilation.
+    # Every solve shares Advance.__call__'s cache (one entry per solver, problem and mode), so allow
+    # more entries than torch's default 8 before it falls back to eager. Set once per solve, not per
+    # iteration: a config patch costs ~50 µs.
+    with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True, recompile_limit=64):
+        return _integrate(rhs, method, tau_save, y0, atol, rtol, opts)
+
+
+def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, atol, rtol,
+               opts: LoopOptions) -> LoopResult:
     B, n = y0.shape
     T = tau_save.shape[1]
     dtype, device = y0.dtype, y0.device
@@ -265,7 +265,7 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
                       for x in (atol, rtol))
         tau, y, dt, k1, errold = (x.clone(memory_format=torch.contiguous_format) for x in (tau, y, dt, k1, errold))
     plain = Advance(rhs, method, norm, controller, opts, atol, rtol, tau_save, dtmax)
-    advance = _compiled(plain) if opts.compile else plain
+    advance = torch.compile(plain) if opts.compile else plain
     # An SDE step's Brownian increments come from host-side tree walks and look-ahead checks, which
     # do not trace: a compiled loop draws them eagerly for the step it is about to take.
     draw_outside = opts.compile and hasattr(method, "increments")
