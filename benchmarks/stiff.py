@@ -24,6 +24,8 @@ Contenders: pybridge Rosenbrock23 / Rodas4 / Rodas5P (and Kvaerno5 when `pb.Kvae
 Jacobians by pybridge's automatic differentiation (reverse mode, batched), batch = "independent" (every sample its own steps);
 pybridge Rosenbrock23 / Rodas5P with solve(compile=True) (each loop iteration one torch.compile'd
 graph, Jacobian by torch.func.jacrev inside it; compiled in the untimed warm-up, which is logged);
+pybridge "(jac…)" contenders: Rodas5P eager and Rosenbrock23 / Rodas5P compiled, given the analytic
+Jacobian through ODEProblem(jac=...) (`Problem.torch_jac`, the batched twin of the `jac_np` SciPy gets);
 SciPy solve_ivp Radau / BDF / LSODA with the analytic Jacobian, looped over the samples; diffrax
 Kvaerno5 (jax.jit; jax.vmap over the batch; tolerances are traced arguments so each problem
 compiles once; compile time excluded). One thread everywhere (torch.set_num_threads(1),
@@ -102,6 +104,17 @@ def kin20_network():
 KIN_S, KIN_A, KIN_B, KIN_K = kin20_network()
 
 
+def kin20_jacobian_entries():
+    """∂f/∂y as sparse entries: J[i, j] += S[i, r]·k_r·y_ext[o] for every reaction r, every factor
+    y_j (j < 20) of its rate k_r·y_a·y_b, o the other factor, and every species i that r changes.
+    Returns (flat index i·n + j, S[i, r], r, o) arrays (a rate y_9·y_9 gives two entries, 2·k·y_9)."""
+    n, out = KIN_S.shape[0], []
+    for r, (a, b) in enumerate(zip(KIN_A, KIN_B)):
+        for j, o in ((a, b), (b, a)):
+            out += [(i * n + j, KIN_S[i, r], r, o) for i in np.flatnonzero(KIN_S[:, r]) if j < n]
+    return tuple(np.array(c) for c in zip(*out))
+
+
 @dataclass
 class Problem:
     name: str
@@ -155,6 +168,31 @@ class Problem:
         ops = _Ops(torch, "torch")
         return lambda t, y: self.f(ops, t, y, kt, c)
 
+    def torch_jac(self, k):
+        """The analytic ∂f/∂y, jac(t, y) -> (..., n, n) for ODEProblem(jac=...), batched over y's and
+        k's leading dimensions: the torch twin of jac_np (tests/test_benchmarks_smoke.py checks it
+        against autodiff)."""
+        kt = torch.as_tensor(k, dtype=torch.float64)
+        rows = lambda *r: torch.stack([torch.stack(torch.broadcast_tensors(*x), -1) for x in r], -2)
+        if self.name == "rober":
+            k1, k2, k3 = kt[..., 0], kt[..., 1], kt[..., 2]
+            return lambda t, y: rows((-k1, k2 * y[..., 2], k2 * y[..., 1]),
+                                     (k1, -k2 * y[..., 2] - 2 * k3 * y[..., 1], -k2 * y[..., 1]),
+                                     (0 * k1, 2 * k3 * y[..., 1], 0 * k1))
+        if self.name == "vdpol_mu":
+            mu = kt[..., 0]
+            return lambda t, y: rows((0 * mu, 1 + 0 * mu),
+                                     (-2 * mu * y[..., 0] * y[..., 1] - 1, mu * (1 - y[..., 0] ** 2)))
+        flat, coef, rx, other = (torch.as_tensor(x) for x in kin20_jacobian_entries())
+        kc = kt[..., rx] * coef.double()       # the constant factor of every entry, per sample
+        n = self.n
+
+        def jac(t, y):
+            yext = torch.cat([y, torch.ones_like(y[..., :1])], -1)
+            val = kc * yext[..., other]
+            return y.new_zeros(val.shape[:-1] + (n * n,)).index_add(-1, flat, val).view(val.shape[:-1] + (n, n))
+        return jac
+
     def np_f(self):
         c = dict(a=KIN_A, b=KIN_B, ST=KIN_S.T.copy())
         ops = _Ops(np, "numpy")
@@ -200,14 +238,15 @@ def pybridge_solvers():
     return out
 
 
-def run_pybridge(cls, compile=False):
+def run_pybridge(cls, compile=False, jac=False):
     def go(prob, ks, rtol):
         f = prob.torch_f(ks)
+        jac_fn = prob.torch_jac(ks) if jac else None
         y0 = torch.as_tensor(prob.y0, dtype=torch.float64)
         if ks.ndim == 2:
             y0 = y0.expand(ks.shape[0], -1).clone()
         t = torch.tensor([0.0, prob.t1], dtype=torch.float64)
-        sol = pb.solve(pb.ODEProblem(f, y0, t), cls(), rtol=rtol, atol=rtol * prob.atol_ratio, compile=compile)
+        sol = pb.solve(pb.ODEProblem(f, y0, t, jac=jac_fn), cls(), rtol=rtol, atol=rtol * prob.atol_ratio, compile=compile)
         bad = int((sol.retcode.reshape(-1) != 0).sum())
         if bad:
             raise RuntimeError(f"{bad} samples did not succeed")
@@ -298,6 +337,10 @@ def contenders(only=None):
     # (as diffrax's jit), the compile time is logged.
     out += [(f"pybridge {n} (compile=True)", run_pybridge(c, compile=True), "pybridge", n)
             for n, c in (("Rosenbrock23", pb.Rosenbrock23), ("Rodas5P", pb.Rodas5P))]
+    # The analytic Jacobian SciPy's methods get, through ODEProblem(jac=...) instead of AD.
+    out += [(f"pybridge {n} (jac{', compile=True' * c})", run_pybridge(cls, compile=c, jac=True), "pybridge", n)
+            for n, cls, c in (("Rodas5P", pb.Rodas5P, False), ("Rosenbrock23", pb.Rosenbrock23, True),
+                              ("Rodas5P", pb.Rodas5P, True))]
     out += [(f"SciPy {m}", run_scipy(m), "scipy", m) for m in ("Radau", "BDF", "LSODA")]
     if diffrax_available():
         out.append(("diffrax Kvaerno5 (jit; vmap on the batch)", run_diffrax, "diffrax", "Kvaerno5"))
@@ -421,7 +464,8 @@ def render(results, args, total, checks):
          f"{args.ref_samples} samples and its throughput extrapolated per sample; pybridge and diffrax solve "
          f"all {args.batch}. Wall = median of up to {args.repeats} runs (one run when the first took > 2 s; "
          "the count is in brackets). NFE: right-hand-side evaluations per sample (mean), Jacobians in "
-         "brackets (pybridge: reverse-mode AD, not counted in NFE; SciPy: analytic); diffrax reports steps "
+         "brackets (pybridge: reverse-mode AD, or the analytic one for the '(jac…)' contenders, not counted in "
+         "NFE; SciPy: analytic); diffrax reports steps "
          "only. Error: max_i |y_i(t1) − ref_i| / (|ref_i| + floor), see the module docstring.", ""]
     if args.load_note:
         L += [f"Note on load: {args.load_note}", ""]

@@ -40,7 +40,7 @@ def test_write_section_keeps_other_sections(tmp_path, monkeypatch):
 
 def test_stiff_quick(tmp_path, capsys):
     from benchmarks import stiff
-    results = stiff.main(["--quick", "--problems", "kin20", "--solvers", "Rodas5P,Radau,-compile", "--rtols", "1e-1",
+    results = stiff.main(["--quick", "--problems", "kin20", "--solvers", "Rodas5P,Radau,-compile,-jac", "--rtols", "1e-1",
                           "--batch", "2", "--ref-samples", "1", "--ref-rtol", "1e-6", "--no-write"])
     _, res, _ = results["kin20"]
     for mode in ("single", "batch"):
@@ -50,6 +50,27 @@ def test_stiff_quick(tmp_path, capsys):
     assert "## Stiff work–precision" in capsys.readouterr().out
     stiff.plot(results, tmp_path / "stiff.png")
     assert (tmp_path / "stiff.png").stat().st_size > 0
+
+
+def test_stiff_analytic_jacobians_match_autodiff():
+    """The "(jac…)" contenders' analytic Jacobians (Problem.torch_jac) equal pybridge's autodiff
+    Jacobian and SciPy's jac_np, batched (per-sample rates) and for one unbatched sample."""
+    import numpy as np
+    import torch
+    from benchmarks import stiff
+    from pybridge.torch_engine.jacobian import AutodiffJacobian
+    for prob in stiff.make_problems().values():
+        ks = prob.perturbed(3)
+        y = torch.as_tensor(np.random.default_rng(0).uniform(0.01, 1.0, (3, prob.n)))
+        t = torch.zeros(3, dtype=torch.float64)
+        J = prob.torch_jac(ks)(t, y)
+        J_ad, _ = AutodiffJacobian()(prob.torch_f(ks), t, y)
+        assert J.shape == (3, prob.n, prob.n)
+        torch.testing.assert_close(J, J_ad, rtol=1e-13, atol=1e-13 * float(J_ad.abs().max()))
+        J_np = np.stack([prob.jac_np(0.0, y[i].numpy(), ks[i]) for i in range(3)])
+        np.testing.assert_allclose(J.numpy(), J_np, rtol=1e-13, atol=1e-13 * np.abs(J_np).max())
+        torch.testing.assert_close(prob.torch_jac(prob.k)(t[0], y[0]), J_ad.new_tensor(prob.jac_np(0.0, y[0].numpy(), prob.k)),
+                                   rtol=1e-13, atol=1e-13 * float(J_ad.abs().max()))
 
 
 def test_nonstiff_quick(tmp_path, capsys):
