@@ -77,8 +77,7 @@ class AutodiffJacobian:
         ignores t (an autonomous f with the user's `jac`, where no reverse pass told us), and costs
         one plain call of f; torch.func.jvp's wrappers cost about twice that (kin20, B = 256:
         0.25 vs 0.5 ms). torch.compile traces torch.func.jvp, and drops a zero tangent itself."""
-        # (inside a caller's own dual level a second one cannot be opened: torch.func.jvp nests)
-        if torch.compiler.is_compiling() or fwAD._current_level >= 0:
+        if torch.compiler.is_compiling():
             return jvp(lambda tt: rhs(tt, y), (t,), (torch.ones_like(t),))[1]
         with fwAD.dual_level():
             tangent = fwAD.unpack_dual(rhs(fwAD.make_dual(t, torch.ones_like(t)), y)).tangent
