@@ -30,6 +30,7 @@ Conventions (normalised time r = (t - t0_b) / (t1_b - t0_b) of sample b):
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence, Tuple, Union
 
@@ -96,6 +97,30 @@ def _normals(h: torch.Tensor, dtype: torch.dtype, two: bool):
     th = lo * (2.0 * math.pi * 2.0**-32)
     z1 = rad * torch.cos(th)
     return (z1, rad * torch.sin(th)) if two else (z1, None)
+
+
+@functools.lru_cache(maxsize=64)
+def _query_constants(D: int, dtype: torch.dtype, device: torch.device):
+    """Per-level constants of a depth-D query, shared by every tree of that depth, dtype and device
+    (building them costs ~0.3 ms, a noticeable part of a short fixed-step solve)."""
+    f64 = dict(dtype=torch.float64, device=device)
+    ks = torch.arange(D + 1, device=device)
+    # Level columns with a leading root column (level "-1": node 0), so one hash covers the
+    # root, every level and the leaf.
+    pow2 = torch.cat([torch.zeros(1, **f64), torch.exp2(ks.double())])  # (D+2,)
+    heap = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), 1 << ks])
+    is_a = torch.tensor([True, False], device=device)[:, None]  # (2, 1)
+    half_sig = torch.tensor([-0.5, 0.5], dtype=dtype, device=device)[:, None, None]
+    su = [2.0**-k for k in range(D)]  # same Python-float expressions as stepwise descent
+    lv = lambda v: torch.tensor(v, **f64)  # noqa: E731
+    lvl = dict(cz=lv([math.sqrt(x) / 4.0 for x in su]), cn=lv([math.sqrt(x / 12.0) for x in su]),
+               q4=lv([x / 4.0 for x in su]), c15=lv([1.5 / x for x in su]),
+               ch=lv([math.sqrt(x) / 2.0 for x in su]), hs=lv([0.5 * x for x in su]))
+    # scan scalings by level relative to a chunk's first level k0: j = k − k0 = 0, 1, ...
+    j = [float(i + 1) for i in range(D)]
+    rel = dict(p8=lv([8.0**x for x in j]), m8=lv([-(8.0**x) for x in j]), i8=lv([8.0**-x for x in j]),
+               p2=lv([2.0**x for x in j]), i2=lv([2.0**-x for x in j]))
+    return pow2, heap, is_a, half_sig, lvl, rel
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,24 +206,8 @@ class VirtualBrownianTree:
             self.depth = max(0, min(_MAX_DEPTH, math.ceil(math.log2(ratio) - 1e-12)))
         self.tol = self._len * 2.0**-self.depth  # effective per-sample resolution
 
-        # Query constants (per tree level), built once.
-        D = self.depth
-        ks = torch.arange(D + 1, device=self.device)
-        # Level columns with a leading root column (level "-1": node 0), so one hash covers the
-        # root, every level and the leaf.
-        self._pow2 = torch.cat([torch.zeros(1, **f64), torch.exp2(ks.double())])  # (D+2,)
-        self._heap = torch.cat([torch.zeros(1, dtype=torch.int64, device=self.device), 1 << ks])
-        self._is_a = torch.tensor([True, False], device=self.device)[:, None]  # (2, 1)
-        self._half_sig = torch.tensor([-0.5, 0.5], dtype=dtype, device=self.device)[:, None, None]
-        su = [2.0**-k for k in range(D)]  # same Python-float expressions as stepwise descent
-        lv = lambda v: torch.tensor(v, **f64)  # noqa: E731
-        self._lvl = dict(cz=lv([math.sqrt(x) / 4.0 for x in su]), cn=lv([math.sqrt(x / 12.0) for x in su]),
-                         q4=lv([x / 4.0 for x in su]), c15=lv([1.5 / x for x in su]),
-                         ch=lv([math.sqrt(x) / 2.0 for x in su]), hs=lv([0.5 * x for x in su]))
-        # scan scalings by level relative to a chunk's first level k0: j = k − k0 = 0, 1, ...
-        j = [float(i + 1) for i in range(D)]
-        self._rel = dict(p8=lv([8.0**x for x in j]), m8=lv([-(8.0**x) for x in j]), i8=lv([8.0**-x for x in j]),
-                         p2=lv([2.0**x for x in j]), i2=lv([2.0**-x for x in j]))
+        (self._pow2, self._heap, self._is_a, self._half_sig, self._lvl, self._rel) = \
+            _query_constants(self.depth, dtype, self.device)
 
         # Per-(sample, dim) stream keys; each step is a bijection so distinct (b, j) never collide
         # for a fixed seed.
@@ -284,33 +293,32 @@ class VirtualBrownianTree:
         splits only the ancestors of those cells (a contiguous run of nodes), with the same draws
         and the same arithmetic as one step of ``_core_stepwise``'s descent (Foster Thm 6.1.6)."""
         levy, dt = self.levy_area, self.dtype
-        base = self._base[..., None]  # (m, B, 1)
-
-        def node_normals(ids):  # the words of _hash for these node ids, as (m, B, len(ids))
-            return _normals(_mix(base ^ _mix(ids * _GOLDEN + _NODE_SALT)), dt, levy)
-
-        z1, z2 = node_normals(torch.zeros(1, dtype=torch.int64, device=self.device))
-        w = z1  # W over each node of the current run, (m, B, width)
-        hh = z2 / math.sqrt(12.0) if levy else None  # bhh over it
-        lo = 0  # first node of the run at level l
-        for l in range(k):
+        # The run of nodes split at level l: the level-l ancestors of the target cells. All their
+        # normals (and the root's, node 0) come from one hash over the concatenated node ids.
+        runs = [(j0 >> (k - l), (j0 + K - 1) >> (k - l)) for l in range(k)]
+        ids = torch.cat([torch.zeros(1, dtype=torch.int64, device=self.device)]
+                        + [(1 << l) + torch.arange(lo, hi + 1, device=self.device) for l, (lo, hi) in enumerate(runs)])
+        Z1, Z2 = _normals(_mix(self._base[..., None] ^ _mix(ids * _GOLDEN + _NODE_SALT)), dt, levy)  # (m, B, ids)
+        w = Z1[..., :1]  # W over each node of the current run, (m, B, width)
+        hh = Z2[..., :1] / math.sqrt(12.0) if levy else None  # bhh over it
+        at = 1  # where the current run's normals start in Z1, Z2
+        for l, (lo, hi) in enumerate(runs):
             su = 2.0**-l
-            ids = (1 << l) + torch.arange(lo, lo + w.shape[-1], device=self.device)
-            z1, z2 = node_normals(ids)
+            z1 = Z1[..., at:at + hi - lo + 1]
             if levy:
                 z = z1 * (math.sqrt(su) / 4.0)
-                q = (su / 4.0) * (z2 * math.sqrt(su / 12.0))
+                q = Z2[..., at:at + hi - lo + 1] * ((su / 4.0) * math.sqrt(su / 12.0))
                 t2 = (1.5 / su) * hh + z
                 b1 = hh / 8.0 - (su / 4.0) * z
                 hh = torch.stack([b1 + q, b1 - q], -1).flatten(-2)  # children: left, right
             else:
                 t2 = (math.sqrt(su) / 2.0) * z1
             w = torch.stack([0.5 * w + t2, 0.5 * w - t2], -1).flatten(-2)
-            # keep the children that are ancestors of the target cells
-            shift = k - l - 1
-            first, last = j0 >> shift, (j0 + K - 1) >> shift
+            at += hi - lo + 1
+            # keep the children that are ancestors of the target cells (the next run)
+            first, last = (runs[l + 1] if l + 1 < k else (j0, j0 + K - 1))
             keep = slice(first - 2 * lo, last - 2 * lo + 1)
-            w, lo = w[..., keep], first
+            w = w[..., keep]
             hh = hh[..., keep] if levy else None
         scale = self._sqrt_len[..., None]  # (1, B, 1)
         out = lambda x: x.permute(2, 1, 0).contiguous()  # noqa: E731  (m, B, K) -> (K, B, m)
