@@ -1,6 +1,7 @@
 """The 2021 paper's spiral neural SDE (REGULARIZATION.md), small CPU budget: vanilla vs global
-error-regularized (R_E, λ = 10 as the paper) vs locally regularized (2023, unbiased), trained by
-matching the first two moments across trajectories; SOSRI adaptive at the paper's loose tolerance.
+error-regularized (R_E; a λ sweep around the papers' 10) vs locally regularized (2023, unbiased; λ
+sweep), trained by matching the first two moments across trajectories; SOSRI adaptive at the paper's
+loose tolerance.
 
 True system (Itô, diagonal noise), α = 0.1, β = 2.0, γ = 0.2, y0 = (2, 0), 30 times in [0, 1]:
     du1 = (−α u1³ + β u2³) dt + γ u1 dW1,   du2 = (−β u1³ − α u2³) dt + γ u2 dW2.
@@ -9,7 +10,7 @@ Loss: MSE of the per-time mean and variance over B simulated paths against those
 Every configuration sees the same Brownian paths (seed = iteration). Test: moment MSE against a
 fresh data set, mean NFE (f and g evaluations per path), steps and predict wall time.
 
-Run: python -m experiments.spiral_sde [--iters N]  → experiments/results/spiral_sde.{txt,png}
+Run: python -m experiments.spiral_sde [--iters N] [--lam-error 10,1,0.1] [--lam-local 10,100]  → experiments/results/spiral_sde.{txt,png}
 """
 from __future__ import annotations
 
@@ -110,35 +111,40 @@ def main():
     ap.add_argument("--iters", type=int, default=150)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--tol", type=float, default=0.14)   # the paper's SOSRI tolerance range 0.14–0.3
-    ap.add_argument("--lam", type=float, default=10.0)   # λ for R_E in the 2021 neural SDE run
+    # λ sweeps (comma-separated): 10 is the 2021 MNIST neural SDE's λ for R_E (REGULARIZATION.md)
+    ap.add_argument("--lam-error", default="10,1,0.1", help="λ values for R_E (sum reduction)")
+    ap.add_argument("--lam-local", default="10,100", help="λ values for the local regularizer (unbiased)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     train_target = data_moments(256, seed=1)
     test_target = data_moments(256, seed=2)
+    runs = [("vanilla", 0.0)] + [("error", float(x)) for x in args.lam_error.split(",") if x] + \
+        [("local", float(x)) for x in args.lam_local.split(",") if x]
     rows, sols = [], {}
-    for config in ("vanilla", "error", "local"):
-        model, train_s = train(config, train_target, args.iters, args.batch, args.tol, args.lam)
+    for config, lam in runs:
+        model, train_s = train(config, train_target, args.iters, args.batch, args.tol, lam)
         loss, nfe, steps, wall, sol = evaluate(model, test_target, 128, args.tol)
-        rows.append((config, loss, nfe, steps, train_s, wall * 1e3))
-        sols[config] = sol
+        name = {"vanilla": "vanilla", "error": f"error reg (R_E, λ={lam:g})",
+                "local": f"local reg (unbiased, λ={lam:g})"}[config]
+        rows.append((name, loss, nfe, steps, train_s, wall * 1e3))
+        sols[name] = sol
         print(rows[-1], flush=True)
     out = pathlib.Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
-    names = {"vanilla": "vanilla", "error": f"error reg (R_E, λ={args.lam:g})", "local": f"local reg (unbiased, λ={args.lam:g})"}
     lines = [f"{time.strftime('%Y-%m-%d')} · {platform.machine()} · torch {torch.__version__} · 1 thread · "
              f"{args.iters} iterations × {args.batch} paths, SOSRI rtol=atol={args.tol:g}, test on 128 fresh paths",
              f"{'configuration':36s} {'moment MSE':>10s} {'NFE':>7s} {'steps':>6s} {'train s':>8s} {'predict ms':>10s}",
              "-" * 82]
-    for config, loss, nfe, steps, train_s, wall in rows:
-        lines.append(f"{names[config]:36s} {loss:10.4f} {nfe:7.1f} {steps:6.1f} {train_s:8.1f} {wall:10.1f}")
+    for name, loss, nfe, steps, train_s, wall in rows:
+        lines.append(f"{name:36s} {loss:10.4f} {nfe:7.1f} {steps:6.1f} {train_s:8.1f} {wall:10.1f}")
     lines.append("NFE counts drift and diffusion evaluations per path; steps = accepted steps (≥ 29: saves are step ends).")
     van = rows[0]
     lines.append("")
     lines.append("issue #5 target: regularized prediction NFE ≤ 0.75× vanilla at equal loss (taken as: test moment MSE "
                  "no worse than vanilla's + 10 %):")
-    for config, loss, nfe, *_ in rows[1:]:
+    for name, loss, nfe, *_ in rows[1:]:
         ok_nfe, ok_loss = nfe <= 0.75 * van[2], loss <= 1.1 * van[1]
-        lines.append(f"  {names[config]:34s} NFE {nfe / van[2]:.2f}× ({'ok' if ok_nfe else 'no'}), moment MSE "
+        lines.append(f"  {name:34s} NFE {nfe / van[2]:.2f}× ({'ok' if ok_nfe else 'no'}), moment MSE "
                      f"{loss / van[1]:.2f}× vanilla ({'ok' if ok_loss else 'no'}) → target "
                      f"{'met' if ok_nfe and ok_loss else 'MISSED'}")
     lines += ["", "paper (REGULARIZATION.md, 2021 spiral neural SDE; means): vanilla MSE 0.0217, NFE 529; "
@@ -155,9 +161,9 @@ def main():
             ax.plot(T, test_target[0][:, k], "k", lw=2, label="data mean")
             ax.fill_between(T, test_target[0][:, k] - test_target[1][:, k].sqrt(),
                             test_target[0][:, k] + test_target[1][:, k].sqrt(), color="k", alpha=0.1)
-            for config, sol in sols.items():
+            for name, sol in sols.items():
                 m, v = moments(sol.ys)
-                ax.plot(T, m[:, k], label=names[config])
+                ax.plot(T, m[:, k], label=name)
             ax.set_title(f"u{k + 1}: mean ± sd")
         axes[0].legend(fontsize=8)
         fig.tight_layout()
