@@ -12,6 +12,7 @@ from .problem import ODEProblem
 from .sde_problem import SDEProblem
 from .solution import ReturnCode, Solution
 from .adjoint import Adjoint, DiscreteAdjoint
+from .regularization import parse_local_regularizer
 from .solvers import SOSRI, Solver, Tsit5
 
 ENGINES = ("torch", "julia")
@@ -45,7 +46,9 @@ def solve(prob: ODEProblem, solver: Optional[Solver] = None, *, engine: str = "t
     adjoint: how gradients are computed (default DiscreteAdjoint: backprop through the solver);
     adjoint_params: the tensors a continuous adjoint differentiates (default: f's parameters when
     f is an nn.Module). local_regularizer: "unbiased" or "biased" adds `sol.local_regularizer`,
-    the 2023 paper's one-step error regularizer (random time drawn from `seed`).
+    the 2023 paper's one-step error regularizer (random time drawn from `seed`), differentiated
+    through every stage; "unbiased-detached-k1" / "biased-detached-k1" hold k1 fixed as the
+    paper's code did (see pybridge.regularization.LOCAL_KINDS for why that is not the default).
     SDEs (prob a pb.SDEProblem, solver e.g. pb.SOSRI(), the default there): `seed` picks the Brownian
     path (a pb.VirtualBrownianTree, returned as sol.extras["brownian"]), or pass your own tree as
     `brownian=`; steps land on the save times (no interpolation of the path). adjoint=
@@ -111,8 +114,8 @@ def solve(prob: ODEProblem, solver: Optional[Solver] = None, *, engine: str = "t
     adjoint = DiscreteAdjoint() if adjoint is None else adjoint
     if not isinstance(adjoint, Adjoint):
         raise TypeError(f"adjoint must be a pybridge adjoint such as pb.BacksolveAdjoint(); got {adjoint!r}")
-    if local_regularizer not in (None, "unbiased", "biased"):
-        raise ValueError(f"local_regularizer must be None, 'unbiased' or 'biased'; got {local_regularizer!r}")
+    if local_regularizer is not None:
+        parse_local_regularizer(local_regularizer)
     local = dict(local_regularizer=local_regularizer, seed=seed) if local_regularizer else {}
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be True or False; got {compile!r}")

@@ -6,6 +6,7 @@ import functools
 import torch
 
 from ..solution import OPTIONAL_COUNTERS, Solution, Stats, Trace
+from ..regularization import parse_local_regularizer
 from .explicit_rk import ExplicitRK
 from .explicit_tableaus import EXPLICIT_TABLEAUS
 from .controller import Norm
@@ -120,7 +121,8 @@ def solve_ode(prob, solver, *, rtol, atol, dt, adaptive, dtmin, dtmax, max_steps
                        stop_at_saves=stop_at_saves, controller=getattr(method, "controller", None),
                        compile=compile)
     if local_regularizer is not None:
-        opts.probe = _probe(local_regularizer, seed, tau_save, lockstep)
+        time_kind, detach_k1 = parse_local_regularizer(local_regularizer)
+        opts.probe = _probe(time_kind, seed, tau_save, lockstep)
     atol, rtol = _per_component(atol, prob), _per_component(rtol, prob)
     if hasattr(method, "with_tolerances"):   # implicit methods scale their Newton norm by the solve's tolerances
         method = method.with_tolerances(atol, rtol, lockstep)
@@ -131,7 +133,8 @@ def solve_ode(prob, solver, *, rtol, atol, dt, adaptive, dtmin, dtmax, max_steps
         tau_reg, y_reg = res.probe
         span = tau_save[:, -1] - tau_save[:, 0]
         with torch.enable_grad():
-            r = local_error_step(rhs, method, tau_reg, y_reg, atol, rtol, Norm(lockstep), span)
+            r = local_error_step(rhs, method, tau_reg, y_reg, atol, rtol, Norm(lockstep), span,
+                                 detach_k1=parse_local_regularizer(local_regularizer)[1])
             # One number per step in lockstep (as the papers), a per-sample mean otherwise.
             sol.local_regularizer = r.mean()
         sol.extras["t_reg"] = tau_reg * direction

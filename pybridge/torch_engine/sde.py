@@ -17,6 +17,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ..regularization import parse_local_regularizer
 from .brownian import VirtualBrownianTree
 from .controller import Norm, PIController
 from .engine import RightHandSide, _per_component, _probe, _to_solution, check_output
@@ -547,7 +548,8 @@ def solve_sde(prob, solver, *, rtol, atol, dt, adaptive, dtmin, dtmax, max_steps
                        dense=dense, differentiable_dt=differentiable_dt, controller=controller, stop_at_saves=True,
                        compile=compile)
     if local_regularizer is not None:
-        opts.probe = _probe(local_regularizer, seed, tau_save, lockstep)
+        time_kind, detach_k1 = parse_local_regularizer(local_regularizer)
+        opts.probe = _probe(time_kind, seed, tau_save, lockstep)
     atol_c, rtol_c = _per_component(atol, prob), _per_component(rtol, prob)
     y0_flat = y0.reshape(B, n)
     if adaptive and dt is None:
@@ -569,8 +571,9 @@ def solve_sde(prob, solver, *, rtol, atol, dt, adaptive, dtmin, dtmax, max_steps
         tau_reg, y_reg = res.probe
         span = tau_save[:, -1] - tau_save[:, 0]
         with torch.enable_grad():
-            sol.local_regularizer = local_error_step(rhs, method, tau_reg, y_reg, atol_c, rtol_c, Norm(lockstep),
-                                                     span).mean()
+            sol.local_regularizer = local_error_step(
+                rhs, method, tau_reg, y_reg, atol_c, rtol_c, Norm(lockstep), span,
+                detach_k1=parse_local_regularizer(local_regularizer)[1]).mean()
         sol.extras["t_reg"] = tau_reg
     sol.extras["brownian"] = bm
     if keep_state:
