@@ -54,6 +54,17 @@ CONFIGS = {
     "STEER (b=0.5)": {"steer": 0.5},
     "local unbiased": {"local": "unbiased", "lambda_local": (2.5, 1.0)},
     "local biased": {"local": "biased", "lambda_local": (2.5, 1.0)},
+    # The paper's λ was set for its k1-detached gradient, which is ~10^4–10^7× the true one: larger λ.
+    # One-seed probe (seed 0): λ 2.5e4→1e4 NFE 0.95×, 2.5e6→1e6 NFE 0.66× at −1.0 pt accuracy.
+    "local unbiased (λ 2.5e5→1e5)": {"local": "unbiased", "lambda_local": (2.5e5, 1e5)},
+    "local unbiased (λ 2.5e6→1e6)": {"local": "unbiased", "lambda_local": (2.5e6, 1e6)},
+    "local biased (λ 2.5e6→1e6)": {"local": "biased", "lambda_local": (2.5e6, 1e6)},
+    # tests/test_training.py's λ (digits: NFE 0.51–0.53× on three seeds)
+    "local unbiased (λ 2.5e7→1e7)": {"local": "unbiased", "lambda_local": (2.5e7, 1e7)},
+    "local biased (λ 2.5e7→1e7)": {"local": "biased", "lambda_local": (2.5e7, 1e7)},
+    # k1 = f(t_reg, u_r) held fixed, as the paper's code (pybridge.regularization.LOCAL_KINDS)
+    "local unbiased (k1 detached)": {"local": "unbiased-detached-k1", "lambda_local": (2.5, 1.0)},
+    "local biased (k1 detached)": {"local": "biased-detached-k1", "lambda_local": (2.5, 1.0)},
 }
 # settings that must match for --add to merge new configurations into the saved results
 SETTINGS = ("seeds", "epochs", "batch", "latent", "hidden", "pool", "lr", "rtol", "atol")

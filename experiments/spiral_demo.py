@@ -120,10 +120,12 @@ CONFIGS = {
     "torchdiffeq dopri5 (vanilla)": {"engine": "torchdiffeq"},
     VANILLA: {"engine": "pybridge"},
     "pybridge Tsit5 + error reg": {"engine": "pybridge", "lambda_error": (100.0, 10.0)},
-    # λ for the local regularizer is 100× smaller than for R_E: its gradient (u, dt and k1 detached,
-    # as specified) is ~10³× larger than R_E's per unit of value, and λ ≥ 3 wrecked the fit here.
-    "pybridge Tsit5 + local reg (unbiased)": {"engine": "pybridge", "local": "unbiased", "lambda_local": (1.0, 0.1)},
-    "pybridge Tsit5 + local reg (biased)": {"engine": "pybridge", "local": "biased", "lambda_local": (1.0, 0.1)},
+    # λ for the local regularizer: r = EEst·dt of one step at the automatic initial dt is ~10^-8 here,
+    # and its gradient (through every stage) is that small too. One-seed probe at 300 iterations
+    # (λ0 → λ1: test L1, NFE, window L1): 1e2→10: 0.388, 1544, 0.0123 (no effect); 1e4→1e3: 0.904,
+    # 1322, 0.0277; 1e6→1e5: 0.681, 338, 0.0853 — the same NFE-for-fit trade as R_E on this task.
+    "pybridge Tsit5 + local reg (unbiased)": {"engine": "pybridge", "local": "unbiased", "lambda_local": (1e6, 1e5)},
+    "pybridge Tsit5 + local reg (biased)": {"engine": "pybridge", "local": "biased", "lambda_local": (1e6, 1e5)},
 }
 TARGET_NFE = 0.6       # issue #3: prediction NFE ≤ 0.6× vanilla ...
 TARGET_LOSS = 1.10     # ... at (near-)equal loss: test L1 ≤ 1.1× vanilla's (stated here, not the paper's)
