@@ -59,6 +59,11 @@ CONFIGS = {
     "error-reg (λ 10→200)": {"lambda_error": (10.0, 200.0)},
     "local unbiased": {"local": "unbiased", "lambda_local": (100.0, 10.0)},
     "local biased": {"local": "biased", "lambda_local": (100.0, 10.0)},
+    # The paper's λ was set for its k1-detached gradient, which is ~10^4–10^7× the true one: larger λ.
+    "local unbiased (λ 1e5→1e4)": {"local": "unbiased", "lambda_local": (1e5, 1e4)},
+    # k1 = f(t_reg, u_r) held fixed, as the paper's code (pybridge.regularization.LOCAL_KINDS)
+    "local unbiased (k1 detached)": {"local": "unbiased-detached-k1", "lambda_local": (100.0, 10.0)},
+    "local biased (k1 detached)": {"local": "biased-detached-k1", "lambda_local": (100.0, 10.0)},
 }
 # settings that must match for --add / --sweep-error to use the saved results
 SETTINGS = ("seeds", "subjects", "channels", "epochs", "batch", "latent", "hidden", "lr", "rtol", "atol")

