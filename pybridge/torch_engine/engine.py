@@ -133,8 +133,7 @@ def solve_ode(prob, solver, *, rtol, atol, dt, adaptive, dtmin, dtmax, max_steps
         tau_reg, y_reg = res.probe
         span = tau_save[:, -1] - tau_save[:, 0]
         with torch.enable_grad():
-            r = local_error_step(rhs, method, tau_reg, y_reg, atol, rtol, Norm(lockstep), span,
-                                 detach_k1=parse_local_regularizer(local_regularizer)[1])
+            r = local_error_step(rhs, method, tau_reg, y_reg, atol, rtol, Norm(lockstep), span, detach_k1)
             # One number per step in lockstep (as the papers), a per-sample mean otherwise.
             sol.local_regularizer = r.mean()
         sol.extras["t_reg"] = tau_reg * direction

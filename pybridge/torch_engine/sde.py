@@ -571,9 +571,8 @@ def solve_sde(prob, solver, *, rtol, atol, dt, adaptive, dtmin, dtmax, max_steps
         tau_reg, y_reg = res.probe
         span = tau_save[:, -1] - tau_save[:, 0]
         with torch.enable_grad():
-            sol.local_regularizer = local_error_step(
-                rhs, method, tau_reg, y_reg, atol_c, rtol_c, Norm(lockstep), span,
-                detach_k1=parse_local_regularizer(local_regularizer)[1]).mean()
+            sol.local_regularizer = local_error_step(rhs, method, tau_reg, y_reg, atol_c, rtol_c, Norm(lockstep),
+                                                     span, detach_k1).mean()
         sol.extras["t_reg"] = tau_reg
     sol.extras["brownian"] = bm
     if keep_state:
