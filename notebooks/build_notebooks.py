@@ -220,7 +220,8 @@ for lam, (f, _) in runs.items():
     md("""
 The regularizer also comes in other forms: `pb.stiffness_regularizer(sol)` (Σ of the per-step
 stiffness estimate), and the 2023 paper's *local* regularizer, one extra step at a random time:
-`pb.solve(..., local_regularizer="unbiased", seed=it)` then `loss + λ * sol.local_regularizer`.
+`pb.solve(..., local_regularizer="unbiased", seed=it)` then `loss + λ * sol.local_regularizer`
+(r is EEst·dt of one step at the automatic initial dt — tiny — so λ is large, ~1e7 at rtol 1e-8).
 """),
 ]
 
