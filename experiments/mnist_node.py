@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 import pybridge as pb
-from experiments.common import (add_run_arguments, evaluate_classifier, mean_sd, merge_saved, paper_lines,
-                                run_grid, run_stamp, save_run, train_classifier, vanilla_means)
+from experiments.common import (add_run_arguments, evaluate_classifier, mean_sd, merge_saved, merged_note,
+                                paper_lines, run_grid, run_stamp, save_run, train_classifier, vanilla_means)
 
 PAPER = [  # REGULARIZATION.md (means)
     ("2021", "vanilla", "97.94 %", 253, "0.98 h", "0.094 s"),
@@ -197,10 +197,13 @@ def main(argv=None):
         return dict(acc=acc, nfe=nfe, train_s=train_s, predict_s=pred_s), train_nfe, line
 
     results, curves, total = run_grid(args, steps, out_name, run_one)
+    trained_now = list(results)
     if args.add:
         results, curves, total = merge_saved(pathlib.Path(args.out) / f"{out_name}.json", results, curves, args, total,
                                              SETTINGS, CONFIGS)
     text = report(results, args, total, len(data[0][1]), len(data[1][1]))
+    if args.add:
+        text += merged_note(trained_now)
     print(text)
     if args.quick:
         return results

@@ -33,8 +33,8 @@ import statistics
 import torch
 
 import pybridge as pb
-from experiments.common import (add_run_arguments, evaluate_classifier, mean_sd, merge_saved, merged_note, paper_lines,
-                                run_grid, run_stamp, save_run, train_classifier, vanilla_means)
+from experiments.common import (add_run_arguments, evaluate_classifier, mean_sd, merge_saved, merged_note,
+                                paper_lines, run_grid, run_stamp, save_run, train_classifier, vanilla_means)
 from experiments.mnist_node import load_mnist
 
 PAPER = [  # REGULARIZATION.md (means); the 2021 SDE NFE ratio is the 0.729–0.733× range
