@@ -34,9 +34,9 @@ OMP_NUM_THREADS=1, XLA_FLAGS=--xla_cpu_multi_thread_eigen=false intra_op_paralle
 Accuracy: error = max_i |y_i(t1) − ref_i| / (|ref_i| + floor) at the final time (max also over
 the reference samples for the batch); floor: rober 1e-30 (plain relative error, the solution is
 resolved down to y2 ~ 1e-13), vdpol_mu 1e-3, kin20 1e-8. atol = rtol × ratio (rober 1e-6,
-vdpol_mu 1e-3, kin20 1e-6). References: rober and vdpol_mu single from
-../shared/problems/reference.json; kin20 single and every batch reference sample from SciPy Radau at
-rtol 1e-12 (its agreement with reference.json on the nominal rober / vdpol_mu is printed). For the
+vdpol_mu 1e-3, kin20 1e-6). References: rober and vdpol_mu single from tests/data/reference.json
+(a copy of ../shared/problems/reference.json); kin20 single and every batch reference sample from
+SciPy Radau at rtol 1e-12 (its agreement with reference.json on the nominal rober / vdpol_mu is printed). For the
 batch, errors are measured on the first K samples (--ref-samples), and SciPy's loop is timed on
 those K samples; throughput = samples / wall (pybridge and diffrax solve all B at once).
 
@@ -63,7 +63,7 @@ import torch  # noqa: E402
 
 import pybridge as pb  # noqa: E402
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "problems" / "reference.json"
+REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "data" / "reference.json"  # copy of ../shared/problems
 SECTION = "stiff"
 SIGMA = 0.1
 SEED = 1234
