@@ -116,6 +116,9 @@ def solve(prob: ODEProblem, solver: Optional[Solver] = None, *, engine: str = "t
         raise TypeError(f"adjoint must be a pybridge adjoint such as pb.BacksolveAdjoint(); got {adjoint!r}")
     if local_regularizer is not None:
         parse_local_regularizer(local_regularizer)
+        if engine != "torch":
+            # (the extra step differentiates the torch module's stages; the Julia engine does not take it)
+            raise ValueError(f"local_regularizer is available on the torch engine only; got engine={engine!r}")
     local = dict(local_regularizer=local_regularizer, seed=seed) if local_regularizer else {}
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be True or False; got {compile!r}")

@@ -200,10 +200,12 @@ def test_local_regularizer_with_k1_detached_does_not_lower_nfe_here():
     assert nfe[-1] > nfe[0], nfe
 
 
-def test_local_regularizer_rejects_unknown_kinds():
+def test_local_regularizer_rejects_unknown_kinds_and_the_julia_engine():
     prob = pb.ODEProblem(Field(), torch.ones(2, dtype=torch.float64), torch.tensor([0.0, 1.0]).double())
     with pytest.raises(ValueError, match="local_regularizer must be None or one of 'unbiased'"):
         pb.solve(prob, pb.Tsit5(), local_regularizer="unbias")
+    with pytest.raises(ValueError, match="torch engine only"):  # rather than silently ignored
+        pb.solve(prob, pb.Tsit5(), engine="julia", local_regularizer="unbiased")
 
 
 def test_no_local_regularizer_unless_asked():
