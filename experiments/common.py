@@ -40,14 +40,15 @@ def load_saved(path, args, keys):
 def merge_saved(path, results, curves, args, total, keys, order):
     """Saved results (other configurations) plus the ones just trained, in `order` (the script's
     CONFIGS); a configuration trained now replaces its saved runs. The wall time becomes the sum of
-    both runs, and args.configs the merged list. Refuses to merge runs made with other settings."""
+    both runs, and args.configs the merged list. Refuses to merge runs made with other settings.
+    Returns (results, curves, wall time, the report's note saying which rows were trained now)."""
     saved = load_saved(path, args, keys)
     merged = {**saved["results"], **results}
     merged_curves = {**saved.get("curves", {}), **curves}
     names = [n for n in order if n in merged]  # configurations no longer in `order` are dropped
     args.configs = names
     return ({n: merged[n] for n in names}, {n: merged_curves[n] for n in names if n in merged_curves},
-            saved.get("wall_s", 0.0) + total)
+            saved.get("wall_s", 0.0) + total, merged_note(list(results)))
 
 
 def merged_note(trained_now):

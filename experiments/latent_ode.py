@@ -39,7 +39,7 @@ import torch
 
 import pybridge as pb
 from experiments.common import (add_regularizers, add_run_arguments, load_saved, mean_sd, merge_saved,
-                                merged_note, paper_lines, run_grid, run_stamp, save_run, vanilla_means)
+                                paper_lines, run_grid, run_stamp, save_run, vanilla_means)
 
 PAPER = [  # REGULARIZATION.md (PhysioNet, means)
     ("2021", "vanilla", "3.55e-3", 733, "1.75 h", "0.53 s"),
@@ -59,7 +59,8 @@ CONFIGS = {
     "error-reg (λ 10→200)": {"lambda_error": (10.0, 200.0)},
     "local unbiased": {"local": "unbiased", "lambda_local": (100.0, 10.0)},
     "local biased": {"local": "biased", "lambda_local": (100.0, 10.0)},
-    # The paper's λ was set for its k1-detached gradient, which is ~10^4–10^7× the true one: larger λ.
+    # The paper's λ was set for its k1-detached gradient, orders of magnitude larger than the true one
+    # (pybridge.regularization.LOCAL_KINDS): larger λ.
     "local unbiased (λ 1e5→1e4)": {"local": "unbiased", "lambda_local": (1e5, 1e4)},
     # k1 = f(t_reg, u_r) held fixed, as the paper's code (pybridge.regularization.LOCAL_KINDS)
     "local unbiased (k1 detached)": {"local": "unbiased-detached-k1", "lambda_local": (100.0, 10.0)},
@@ -223,13 +224,11 @@ def main(argv=None):
         return dict(mse=mse, nfe=nfe, train_s=train_s, predict_s=pred_s), curve, line
 
     results, curves, total = run_grid(args, steps, "latent_ode", run_one)
-    trained_now = list(results)
+    note = ""
     if args.add:
-        results, curves, total = merge_saved(pathlib.Path(args.out) / "latent_ode.json", results, curves, args, total,
-                                             SETTINGS, CONFIGS)
-    text = report(results, args, total, n_train, len(values) - n_train, mask)
-    if args.add:
-        text += merged_note(trained_now)
+        results, curves, total, note = merge_saved(pathlib.Path(args.out) / "latent_ode.json", results, curves, args,
+                                                   total, SETTINGS, CONFIGS)
+    text = report(results, args, total, n_train, len(values) - n_train, mask) + note
     print(text)
     if args.quick:
         return results

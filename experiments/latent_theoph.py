@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from experiments.common import (add_run_arguments, mean_sd, merge_saved, merged_note, run_stamp, save_run,
+from experiments.common import (add_run_arguments, mean_sd, merge_saved, run_stamp, save_run,
                                 vanilla_means)
 from experiments.latent_ode import CONFIGS as LATENT_CONFIGS, masked_mse, predict, train
 
@@ -98,13 +98,11 @@ def main(argv=None):
             print(f"seed {seed} {name:20s} MSE interp {r['mse_interp']:.4f} extrap {r['mse_extrap']:.4f} "
                   f"fit {r['mse_fit']:.4f}  NFE {nfe}  train {train_s:.1f} s  predict {pred_s * 1e3:.1f} ms", flush=True)
     total = time.perf_counter() - wall0
-    trained_now = list(results)
+    note = ""
     if args.add:
-        results, curves, total = merge_saved(pathlib.Path(args.out) / "latent_theoph.json", results, curves, args,
-                                             total, SETTINGS, CONFIGS)
-    text = report(results, args, total, kept, interp, extra, sd, reference)
-    if args.add:
-        text += merged_note(trained_now)
+        results, curves, total, note = merge_saved(pathlib.Path(args.out) / "latent_theoph.json", results, curves,
+                                                   args, total, SETTINGS, CONFIGS)
+    text = report(results, args, total, kept, interp, extra, sd, reference) + note
     print(text)
     if args.quick:
         return results

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 import pybridge as pb
-from experiments.common import (add_run_arguments, evaluate_classifier, mean_sd, merge_saved, merged_note,
-                                paper_lines, run_grid, run_stamp, save_run, train_classifier, vanilla_means)
+from experiments.common import (add_run_arguments, evaluate_classifier, mean_sd, merge_saved, paper_lines,
+                                run_grid, run_stamp, save_run, train_classifier, vanilla_means)
 
 PAPER = [  # REGULARIZATION.md (means)
     ("2021", "vanilla", "97.94 %", 253, "0.98 h", "0.094 s"),
@@ -54,7 +54,8 @@ CONFIGS = {
     "STEER (b=0.5)": {"steer": 0.5},
     "local unbiased": {"local": "unbiased", "lambda_local": (2.5, 1.0)},
     "local biased": {"local": "biased", "lambda_local": (2.5, 1.0)},
-    # The paper's λ was set for its k1-detached gradient, which is ~10^4–10^7× the true one: larger λ.
+    # The paper's λ was set for its k1-detached gradient, orders of magnitude larger than the true one
+    # (pybridge.regularization.LOCAL_KINDS): larger λ.
     # One-seed probe (seed 0): λ 2.5e4→1e4 NFE 0.95×, 2.5e6→1e6 NFE 0.66× at −1.0 pt accuracy.
     "local unbiased (λ 2.5e5→1e5)": {"local": "unbiased", "lambda_local": (2.5e5, 1e5)},
     "local unbiased (λ 2.5e6→1e6)": {"local": "unbiased", "lambda_local": (2.5e6, 1e6)},
@@ -197,13 +198,11 @@ def main(argv=None):
         return dict(acc=acc, nfe=nfe, train_s=train_s, predict_s=pred_s), train_nfe, line
 
     results, curves, total = run_grid(args, steps, out_name, run_one)
-    trained_now = list(results)
+    note = ""
     if args.add:
-        results, curves, total = merge_saved(pathlib.Path(args.out) / f"{out_name}.json", results, curves, args, total,
-                                             SETTINGS, CONFIGS)
-    text = report(results, args, total, len(data[0][1]), len(data[1][1]))
-    if args.add:
-        text += merged_note(trained_now)
+        results, curves, total, note = merge_saved(pathlib.Path(args.out) / f"{out_name}.json", results, curves, args,
+                                                   total, SETTINGS, CONFIGS)
+    text = report(results, args, total, len(data[0][1]), len(data[1][1])) + note
     print(text)
     if args.quick:
         return results

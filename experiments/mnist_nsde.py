@@ -33,8 +33,8 @@ import statistics
 import torch
 
 import pybridge as pb
-from experiments.common import (add_run_arguments, evaluate_classifier, mean_sd, merge_saved, merged_note,
-                                paper_lines, run_grid, run_stamp, save_run, train_classifier, vanilla_means)
+from experiments.common import (add_run_arguments, evaluate_classifier, mean_sd, merge_saved, paper_lines,
+                                run_grid, run_stamp, save_run, train_classifier, vanilla_means)
 from experiments.mnist_node import load_mnist
 
 PAPER = [  # REGULARIZATION.md (means); the 2021 SDE NFE ratio is the 0.729–0.733× range
@@ -141,13 +141,11 @@ def main(argv=None):
         return dict(acc=acc, nfe=nfe, steps=naccept, train_s=train_s, predict_s=pred_s), train_nfe, line
 
     results, curves, total = run_grid(args, steps, "mnist_nsde", run_one, name_width=26)
-    trained_now = list(results)
+    note = ""
     if args.add:
-        results, curves, total = merge_saved(pathlib.Path(args.out) / "mnist_nsde.json", results, curves, args,
-                                             total, SETTINGS, list(CONFIGS))
-    text = report(results, args, total, len(data[0][1]), len(data[1][1]))
-    if args.add:
-        text += merged_note(trained_now)
+        results, curves, total, note = merge_saved(pathlib.Path(args.out) / "mnist_nsde.json", results, curves, args,
+                                                   total, SETTINGS, list(CONFIGS))
+    text = report(results, args, total, len(data[0][1]), len(data[1][1])) + note
     print(text)
     if args.quick:
         return results

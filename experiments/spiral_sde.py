@@ -13,7 +13,7 @@ fresh data set, mean NFE (f and g evaluations per path), steps and predict wall 
 Run: python -m experiments.spiral_sde [--iters N] [--lam-error 10,1,0.1] [--lam-local 10,100]
      [--local-kind unbiased] [--tag T]  → experiments/results/spiral_sde[_T].{txt,png}
 spiral_sde.txt: local rows with --local-kind unbiased-detached-k1 (the paper's code; measured
-before the default changed); spiral_sde_local.txt: --lam-error "" --lam-local 1e4,1e6 --tag local.
+before the default changed); spiral_sde_local.txt: --lam-error "" --lam-local 10,30,100,1000 --tag local.
 """
 from __future__ import annotations
 
@@ -136,6 +136,7 @@ def main():
         print(rows[-1], flush=True)
     out = pathlib.Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
+    stem = f"spiral_sde_{args.tag}" if args.tag else "spiral_sde"
     lines = [f"{time.strftime('%Y-%m-%d')} · {platform.machine()} · torch {torch.__version__} · 1 thread · "
              f"{args.iters} iterations × {args.batch} paths, SOSRI rtol=atol={args.tol:g}, test on 128 fresh paths",
              f"{'configuration':40s} {'moment MSE':>10s} {'NFE':>7s} {'steps':>6s} {'train s':>8s} {'predict ms':>10s}",
@@ -154,7 +155,7 @@ def main():
                      f"{'met' if ok_nfe and ok_loss else 'MISSED'}")
     lines += ["", "paper (REGULARIZATION.md, 2021 spiral neural SDE; means): vanilla MSE 0.0217, NFE 529; "
               "error-reg MSE 0.0227, NFE 502 (0.95×)."]
-    (out / f"spiral_sde{'_' + args.tag if args.tag else ''}.txt").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
         import matplotlib
@@ -172,7 +173,7 @@ def main():
             ax.set_title(f"u{k + 1}: mean ± sd")
         axes[0].legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / f"spiral_sde{'_' + args.tag if args.tag else ''}.png", dpi=100)
+        fig.savefig(out / f"{stem}.png", dpi=100)
     except ImportError:
         pass
 
