@@ -129,13 +129,16 @@ CONTENDERS = [
 ]
 
 
-def time_call(fn, repeats, between=None):
-    """Median wall and median process-CPU time of `repeats` calls after a warm-up call.
-    `between()` runs after each call (the network timing, interleaved so both see the same load).
-    Also returns the warm-up call's wall time (for compile=True, the compilation)."""
-    start = time.perf_counter()
-    fn()  # warm-up
-    first = time.perf_counter() - start
+def time_call(fn, repeats, between=None, warm_up=True):
+    """Median wall and median process-CPU time of `repeats` calls after a warm-up call (none when
+    warm_up is False: a later round). `between()` runs after each call (the network timing,
+    interleaved so both see the same load). Also returns the warm-up call's wall time (for
+    compile=True, the compilation), or None."""
+    first = None
+    if warm_up:
+        start = time.perf_counter()
+        fn()
+        first = time.perf_counter() - start
     walls, cpus = [], []
     for _ in range(repeats):
         start, cstart = time.perf_counter(), time.process_time()
@@ -183,7 +186,8 @@ def overhead_table(repeats, rounds):
                     net = []
                     wall, cpu, (ys, nfe_max, nfe_mean), first = time_call(
                         lambda: go(f, y0, t, RTOL, ATOL), repeats,
-                        between=lambda: net.append(network_call_time(f, y0, t[0], blocks=2, calls=100)))
+                        between=lambda: net.append(network_call_time(f, y0, t[0], blocks=2, calls=100)),
+                        warm_up=k == 0)
                     net_wall = statistics.median(w for w, _ in net)
                     net_cpu = statistics.median(c for _, c in net)
                     if not torch.isfinite(ys).all():
