@@ -129,15 +129,21 @@ def solve_ode(prob, solver, *, rtol, atol, dt, adaptive, dtmin, dtmax, max_steps
     res = integrate(rhs, method, tau_save, y0_flat, atol, rtol, opts)
     sol = _to_solution(res, prob, solver, method, direction, rhs)
     if local_regularizer is not None:
-        from ..regularization import local_error_step
-        tau_reg, y_reg = res.probe
-        span = tau_save[:, -1] - tau_save[:, 0]
-        with torch.enable_grad():
-            r = local_error_step(rhs, method, tau_reg, y_reg, atol, rtol, Norm(lockstep), span, detach_k1)
-            # One number per step in lockstep (as the papers), a per-sample mean otherwise.
-            sol.local_regularizer = r.mean()
-        sol.extras["t_reg"] = tau_reg * direction
+        attach_local_regularizer(sol, res, rhs, method, atol, rtol, lockstep, tau_save, direction, detach_k1)
     return sol
+
+
+def attach_local_regularizer(sol, res, rhs, method, atol, rtol, lockstep, tau_save, direction, detach_k1):
+    """sol.local_regularizer: the 2023 paper's extra step from the probe the loop kept (res.probe),
+    differentiable (ODE and SDE engines alike); sol.extras["t_reg"] the times it was taken at."""
+    from ..regularization import local_error_step
+    tau_reg, y_reg = res.probe
+    span = tau_save[:, -1] - tau_save[:, 0]
+    with torch.enable_grad():
+        r = local_error_step(rhs, method, tau_reg, y_reg, atol, rtol, Norm(lockstep), span, detach_k1)
+        # One number per step in lockstep (as the papers), a per-sample mean otherwise.
+        sol.local_regularizer = r.mean()
+    sol.extras["t_reg"] = tau_reg * direction
 
 
 def _probe(kind, seed, tau_save, lockstep):

@@ -20,7 +20,7 @@ import torch
 from ..regularization import parse_local_regularizer
 from .brownian import VirtualBrownianTree
 from .controller import Norm, PIController
-from .engine import RightHandSide, _per_component, _probe, _to_solution, check_output
+from .engine import RightHandSide, _per_component, _probe, _to_solution, attach_local_regularizer, check_output
 from .loop import LoopOptions, integrate
 from .sde_tableaus import SRA_TABLEAUS, SRI_TABLEAUS
 
@@ -567,13 +567,7 @@ def solve_sde(prob, solver, *, rtol, atol, dt, adaptive, dtmin, dtmax, max_steps
         res.ys = res.ys[..., :n]
     sol = _to_solution(res, prob, solver, method, direction)
     if local_regularizer is not None:
-        from ..regularization import local_error_step
-        tau_reg, y_reg = res.probe
-        span = tau_save[:, -1] - tau_save[:, 0]
-        with torch.enable_grad():
-            sol.local_regularizer = local_error_step(rhs, method, tau_reg, y_reg, atol_c, rtol_c, Norm(lockstep),
-                                                     span, detach_k1).mean()
-        sol.extras["t_reg"] = tau_reg
+        attach_local_regularizer(sol, res, rhs, method, atol_c, rtol_c, lockstep, tau_save, direction, detach_k1)
     sol.extras["brownian"] = bm
     if keep_state:
         sol.extras["_sde_internals"] = dict(drift=drift, diffusion=g, method=method, final_state=final_state,
