@@ -1,5 +1,6 @@
 """gradcheck (float64) through every explicit method w.r.t. y0 and an nn.Module's parameters,
 batched (both batch modes) and unbatched; the trace's eest is differentiable."""
+import contextlib
 import pytest
 import torch
 
@@ -119,3 +120,31 @@ def test_first_solve_under_inference_mode_does_not_break_later_gradients():
         sol = pb.solve(prob(), solver, rtol=1e-4, atol=1e-6)
         g, = torch.autograd.grad(sol.ys[-1].sum(), w)
         assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+# (Adaptive lockstep is left out: there the diverging sample's error shrinks everyone's step.)
+@pytest.mark.parametrize("batch,adaptive", [("independent", True), ("independent", False), ("lockstep", False)])
+def test_a_diverging_sample_leaves_shared_parameter_gradients_finite(batch, adaptive):
+    """y' = r·y² from y0 = 1e100 overflows in the first step's stages (y² = 1e200, then inf). Its overflowing steps (rejected, or the one that
+    stops it) must not put NaN into the gradient of r, which every sample shares: without the loop's
+    guard, the zero cotangent of a discarded step times its infinite partials is NaN."""
+    def solve(y0, rate):
+        prob = pb.ODEProblem(lambda t, y: rate * y * y, y0, torch.linspace(0.0, 2.0, 5, dtype=torch.float64))
+        kw = dict(rtol=1e-6, atol=1e-8, dt=0.5) if adaptive else dict(adaptive=False, dt=0.05)
+        with pytest.warns(RuntimeWarning) if y0.shape[0] == 3 else contextlib.nullcontext():
+            return pb.solve(prob, pb.Tsit5(), batch=batch, **kw)
+
+    rate = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    sol = solve(torch.tensor([[0.1], [1e100], [0.2]], dtype=torch.float64), rate)
+    assert sol.retcode[1] != int(pb.ReturnCode.Success) and (sol.retcode[[0, 2]] == int(pb.ReturnCode.Success)).all()
+    (grad,) = torch.autograd.grad(sol.ys[-1, [0, 2]].sum(), rate)
+    assert torch.isfinite(grad) and grad > 0
+    with torch.no_grad():  # the guard changes no value, count or code
+        plain = solve(torch.tensor([[0.1], [1e100], [0.2]], dtype=torch.float64), rate)
+    torch.testing.assert_close(sol.ys.detach(), plain.ys, rtol=0, atol=0, equal_nan=True)
+    assert sol.retcodes == plain.retcodes
+    assert all(torch.equal(getattr(sol.stats, k), getattr(plain.stats, k)) for k in ("nfe", "naccept", "nreject"))
+    if batch == "independent":  # each sample its own steps: the others' gradient is theirs alone
+        alone = solve(torch.tensor([[0.1], [0.2]], dtype=torch.float64), rate)
+        (grad_alone,) = torch.autograd.grad(alone.ys[-1].sum(), rate)
+        torch.testing.assert_close(grad, grad_alone, rtol=1e-12, atol=0)

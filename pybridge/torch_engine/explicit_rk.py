@@ -20,6 +20,8 @@ class RKStep(NamedTuple):
 class ExplicitRK:
     """Steps a ButcherTableau on (B, n) states. `k1 = f(t, y)` is passed in (FSAL or reused)."""
 
+    plain_steps = True  # no step fails by itself or reports counters: fixed steps may use fixed_loop
+
     def __init__(self, tableau: ButcherTableau, dtype: torch.dtype, device: torch.device):
         self.tableau = tableau
         self.order = tableau.order

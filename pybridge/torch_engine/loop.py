@@ -85,14 +85,16 @@ class Iteration(NamedTuple):
     extra_eval: Optional[torch.Tensor]  # (B,) samples that paid an evaluation for f_end (no FSAL)
     stiffness: Optional[torch.Tensor]   # (B,) the stiffness estimate, or None when deferred ...
     stiffness_terms: Optional[tuple]    # ... to these terms (batched later, see _flush_stiffness)
+    blew_up: Optional[torch.Tensor]     # (B,) active samples whose step is not finite (with guard_blowups)
 
 
 class Advance:
     """The tensor work of one loop iteration: pick each sample's step, take it, judge it, propose the
     next. Pure (no host reads, no Python state changed), so torch.compile can fuse it whole."""
 
-    def __init__(self, rhs, method, norm, controller, opts, atol, rtol, tau_save, dtmax):
+    def __init__(self, rhs, method, norm, controller, opts, atol, rtol, tau_save, dtmax, guard_blowups=False):
         self.rhs, self.method, self.norm, self.controller, self.opts = rhs, method, norm, controller, opts
+        self.guard_blowups = guard_blowups
         self.atol, self.rtol, self.tau_save, self.dtmax = atol, rtol, tau_save, dtmax
         self.tau_end = tau_save[:, -1]
         eps = torch.finfo(tau_save.dtype).eps
@@ -124,21 +126,30 @@ class Advance:
         h = torch.where(hit, remaining, torch.where(active, dt, self.zero))   # hit ⊆ active
         return target, hit, h
 
-    def __call__(self, tau, y, dt, k1, errold, status, active, next_save, noise=None) -> Iteration:
+    def __call__(self, tau, y, dt, k1, errold, status, active, next_save, noise=None, frozen=None) -> Iteration:
         """noise: an SDE step's Brownian increments over [tau, tau + h], drawn beforehand (compiled
-        loops, see integrate); otherwise the step draws them itself."""
+        loops, see integrate); otherwise the step draws them itself. frozen (B,): samples whose step
+        this iteration already found non-finite; they step with h = 0 and are judged as before
+        (rejected, EEst = inf), so that no non-finite value enters the autograd graph."""
         opts, method, code = self.opts, self.method, self.code
         target, hit, h = self.aim(tau, dt, active, next_save)
+        h_step, judged = h, active
+        if frozen is not None:  # (the controller still sees the step it would have taken)
+            h_step, judged = torch.where(frozen, self.zero, h), active & ~frozen
         if noise is None:
-            step = method.step(self.rhs, tau, y, h, k1)
+            step = method.step(self.rhs, tau, y, h_step, k1)
         else:
-            step = method.step(self.rhs, tau, y, h, k1, noise)
+            step = method.step(self.rhs, tau, y, h_step, k1, noise)
 
         finite_y1 = rows_finite(step.y1)
+        blew_up = active & ~finite_y1 if self.guard_blowups and frozen is None else None
         if step.err is not None:
-            eest = error_norm(self.norm, step.err, y, step.y1, self.atol, self.rtol, valid=active)
+            eest = error_norm(self.norm, step.err, y, step.y1, self.atol, self.rtol, valid=judged)
         else:
             eest = self.nan.expand(tau.shape)
+        if frozen is not None:
+            finite_y1 = finite_y1 & ~frozen
+            eest = torch.where(frozen, self.inf, eest)
         # A method may reject a sample's step itself (an implicit solve that did not converge).
         failed = getattr(step, "failed", None)
         accept = active & finite_y1 if failed is None else active & finite_y1 & ~failed
@@ -186,12 +197,16 @@ class Advance:
         status = torch.where(finishing, code[ReturnCode.Success], status)
         running = status == RUNNING
         return Iteration(tau_new, y_new, k1, dt, errold, status, running, step, h, eest, accept, hit, target,
-                         f_end, extra_eval, stiff, stiff_terms)
+                         f_end, extra_eval, stiff, stiff_terms, blew_up)
 
 
 def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, atol, rtol,
               opts: LoopOptions) -> LoopResult:
     if not opts.compile:
+        from .fixed_loop import grid_for, integrate_fixed  # (fixed_loop builds on this module)
+        grid = grid_for(method, tau_save, opts)
+        if grid is not None:
+            return integrate_fixed(rhs, method, tau_save, y0, atol, rtol, opts, grid)
         return _integrate(rhs, method, tau_save, y0, atol, rtol, opts)
     # An integer a module updates in forward (a call counter) would otherwise be a constant of the
     # compiled graph: a recompilation per call until torch gives up and falls back to eager. With
@@ -264,7 +279,11 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
         atol, rtol = (x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=dtype, device=device)
                       for x in (atol, rtol))
         tau, y, dt, k1, errold = (x.clone(memory_format=torch.contiguous_format) for x in (tau, y, dt, k1, errold))
-    plain = Advance(rhs, method, norm, controller, opts, atol, rtol, tau_save, dtmax)
+    # With gradients, a step that overflows is taken again with its overflowing samples at h = 0: a
+    # zero cotangent times an infinite partial derivative is NaN, which would otherwise reach the
+    # gradients of parameters every sample shares. It costs a second Advance only when it happens.
+    guard_blowups = torch.is_grad_enabled()
+    plain = Advance(rhs, method, norm, controller, opts, atol, rtol, tau_save, dtmax, guard_blowups)
     advance = torch.compile(plain) if opts.compile else plain
     # An SDE step's Brownian increments come from host-side tree walks and look-ahead checks, which
     # do not trace: a compiled loop draws them eagerly for the step it is about to take.
@@ -273,20 +292,45 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
     active = status == RUNNING
     while True:
         n_iter += 1
-        noise = method.increments(tau, plain.aim(tau, dt, active, next_save)[2]) if draw_outside else None
-        it = advance(tau, y, dt, k1, errold, status, active, next_save, noise)
-        step, status, running = it.step, it.status, it.running
+        frozen = None
+        while True:  # once, or twice when a step blew up (guard_blowups)
+            noise = None
+            if draw_outside:
+                h_next = plain.aim(tau, dt, active, next_save)[2]
+                noise = method.increments(tau, h_next if frozen is None else torch.where(frozen, 0.0, h_next))
+            it = advance(tau, y, dt, k1, errold, status, active, next_save, noise, frozen)
+            it_status, running = it.status, it.running
+            if n_iter >= opts.max_steps:
+                # A sample still running has been active in every iteration: its iters = n_iter.
+                it_status = torch.where(running, max_iters, it_status)
+                running = it_status == RUNNING
+            h, accept, tau_new = it.h, it.accept, it.tau_new
+            if defer_saves:
+                flags = [running.any()]
+            else:
+                covered = (tau_save <= tau_new[:, None]).sum(1)
+                nsave = torch.where(accept, covered - next_save, constant(0, next_save))
+                flags = [running.sum(), nsave.max()]
+            if on_progress is not None:  # solve(progress=True): the slowest running sample's covered fraction
+                covered_frac = torch.where(running, (tau_new - tau_save[:, 0]) / span, torch.ones_like(span))
+                flags.append((covered_frac.min() * PROGRESS_SCALE).long())
+            if it.blew_up is not None:
+                flags.append(it.blew_up.any())
+            # The loop's one read from the device per iteration.
+            values = (torch.stack([x.long() for x in flags]).tolist() if len(flags) > 1 else [bool(flags[0])])
+            if it.blew_up is not None and values.pop():
+                frozen = it.blew_up
+                continue
+            break
+        step, status = it.step, it_status
+        still_running, *rest = values
         actives.append(active)
         step_nfes.append(step.nfe)
         for key, count in (getattr(step, "stats", None) or {}).items():
             counters[key] = counters.get(key, 0) + active * count
         if it.extra_eval is not None:
             extra_evals.append(it.extra_eval)
-        if n_iter >= opts.max_steps:
-            # A sample still running has been active in every iteration: its iters = n_iter.
-            status = torch.where(running, max_iters, status)
-            running = status == RUNNING
-        h, accept, tau_new, f_end = it.h, it.accept, it.tau_new, it.f_end
+        f_end = it.f_end
 
         # Save points covered by accepted steps, interpolated with the method's own dense output:
         # batched over many steps (see _flush_saves), or per step when the targets follow the saves.
@@ -298,16 +342,6 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
                 pending, pending_size = [], 0
             pending.append((tau, h, y, step.ks, step.y1, f_end, tau_new))
             pending_size += size
-            flags = [running.any()]
-        else:
-            covered = (tau_save <= tau_new[:, None]).sum(1)
-            nsave = torch.where(accept, covered - next_save, constant(0, next_save))
-            flags = [running.sum(), nsave.max()]
-        if on_progress is not None:  # solve(progress=True): the slowest running sample's covered fraction, same read
-            covered_frac = torch.where(running, (tau_new - tau_save[:, 0]) / span, torch.ones_like(span))
-            flags = [flags[0].long(), *flags[1:], (covered_frac.min() * PROGRESS_SCALE).long()]
-        # The loop's one read from the device per iteration.
-        still_running, *rest = torch.stack(flags).tolist() if len(flags) > 1 else [bool(flags[0])]
         k_max = 0 if defer_saves else rest.pop(0)
         frac = rest
         if frac:

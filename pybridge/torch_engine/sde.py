@@ -147,6 +147,7 @@ class SDEMethod:
     """Shared machinery: Brownian increments, linear interpolation, no stiffness estimate."""
 
     interpolation_order = 1
+    plain_steps = True  # see ExplicitRK.plain_steps
     needs_area = False  # the step uses the space-time Lévy area H (SRI, SRA)
     stability_size = float("nan")
     tableau = None

@@ -1,0 +1,222 @@
+"""Fixed-step solves (adaptive=False) without the adaptive loop's per-step bookkeeping.
+
+With fixed steps and save times shared by the batch, the whole step sequence is known before the
+first step: `step_grid` computes it once on the host with the arithmetic of loop.Advance.aim (NumPy
+scalars of the state's dtype round exactly as torch's ops do), so the steps, their times and hence
+the Brownian increments are the ones the general loop (loop.py) takes. Each step then costs the
+method's own work plus a few ops: no step choice, error-norm acceptance or controller, and no host
+read at all. What the general loop does per sample still holds: a sample whose state turns
+non-finite is stopped (code Unstable) with its values kept up to that step and NaN after, and from
+then on it steps with h = 0 from its last finite state (so its rows stay finite for the others'
+gradients). The trace, counts, saves and return codes equal the general loop's.
+
+Used when `grid_for` finds nothing this loop lacks (dense output, local-regularization probes,
+compile=True, a method whose steps report their own failures or counters, per-sample save times, a
+step count above max_steps); otherwise the general loop runs.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+
+from ..progress import current_hook as progress_hook
+from ..solution import ReturnCode
+from .brownian import VirtualBrownianTree
+from .controller import Norm, constant, error_norm, rows_finite
+from .loop import SAVE_BUFFER_ELEMENTS, LoopResult, _assemble_saves, _flush_saves, _flush_stiffness
+
+HOST_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+# Brownian increments fetched per batched tree query (elements: steps × samples × dimensions).
+NOISE_CHUNK_ELEMENTS = 1 << 16
+
+
+class StepGrid(NamedTuple):
+    starts: list            # τ at each step's start (host scalars of the state's dtype)
+    ends: list              # τ at each step's end
+    sizes: list             # h of each step
+    saves: list             # per step, the save indices its end reaches (stop_at_saves), else []
+
+
+def grid_for(method, tau_save: torch.Tensor, opts) -> Optional[StepGrid]:
+    """The step sequence of a fixed-step solve, or None where the general loop is needed."""
+    if (opts.adaptive or opts.compile or opts.dense or opts.probe is not None or opts.differentiable_dt
+            or not getattr(method, "plain_steps", False) or tau_save.dtype not in HOST_DTYPES
+            or not isinstance(opts.dt, (int, float))):
+        return None
+    row = tau_save[0]
+    if tau_save.shape[0] > 1 and not bool((tau_save == row).all()):
+        return None                       # per-sample save times: per-sample grids
+    return step_grid(row.cpu().numpy(), opts.dt, opts.stop_at_saves, opts.max_steps)
+
+
+def step_grid(row: np.ndarray, dt: float, stop_at_saves: bool, max_steps: int) -> Optional[StepGrid]:
+    """loop.Advance.aim for one sample, in the state's precision: a step of dt, or the rest of the
+    way to the target (the end, or the next save point when stop_at_saves) where that is within dt
+    plus a slack of 100 eps. None if it takes more than max_steps steps (the general loop reports
+    MaxIters then)."""
+    real = row.dtype.type
+    eps = np.finfo(row.dtype).eps
+    slack_factor, one, h = real(100 * eps), real(1.0), real(dt)
+    tau, tau_end = row[0], row[-1]
+    if h <= 0 or (tau_end - tau) / h > max_steps + len(row):
+        return None
+    starts, ends, sizes, saves = [], [], [], []
+    next_save = 1
+    while True:
+        target = row[next_save] if stop_at_saves else tau_end
+        slack = max(abs(target), one) * slack_factor
+        remaining = target - tau
+        hit = h >= remaining - slack
+        step = remaining if hit else h
+        tau_new = target if hit else tau + step
+        starts.append(tau)
+        ends.append(tau_new)
+        sizes.append(step)
+        covered = int(np.searchsorted(row, tau_new, side="right"))
+        saves.append(list(range(next_save, covered)) if stop_at_saves else [])
+        next_save = max(next_save, covered)
+        tau = tau_new
+        if len(starts) > max_steps:
+            return None
+        if hit and target == tau_end:
+            return StepGrid(starts, ends, sizes, saves)
+
+
+def integrate_fixed(rhs, method, tau_save, y0, atol, rtol, opts, grid: StepGrid, stop_at=None) -> LoopResult:
+    """stop_at (B,): stop each sample before that step (a re-run, see below); None: where it fails."""
+    B, n = y0.shape
+    N = len(grid.sizes)
+    dtype, device = y0.dtype, y0.device
+    as_rows = lambda xs: torch.tensor(np.asarray(xs), dtype=dtype, device=device)[:, None].expand(N, B)  # noqa: E731
+    starts, ends, sizes = as_rows(grid.starts), as_rows(grid.ends), as_rows(grid.sizes)
+    norm = Norm(opts.lockstep)
+    zero_h = constant(0.0, sizes)
+    noise = _NoiseChunks(method, starts, sizes, B)
+    on_progress = progress_hook()
+    t0, span = float(grid.starts[0]), float(grid.ends[-1] - grid.starts[0])
+
+    y, k1 = y0, rhs(starts[0], y0)
+    tau = starts[0]
+    alive = torch.ones(B, dtype=torch.bool, device=device)
+    alive_after, step_nfes, eests, stiffness_terms = [], [], [], []
+    save_vals, save_alive, save_steps = [], [], []
+    pending, pending_size, saved_vals, saved_idx = [], 0, [], []
+    next_save = torch.ones(B, dtype=torch.long, device=device)
+    lazy_evals, extra_eval = [], False
+    for i in range(N):
+        if stop_at is not None:
+            alive = alive & (stop_at > i)
+        h = torch.where(alive, sizes[i], zero_h)           # stopped samples step with h = 0
+        step = method.step(rhs, starts[i], y, h, k1, *noise.at(i, alive))
+        step_nfes.append(step.nfe)
+        if step.err is not None:
+            eests.append(error_norm(norm, step.err, y, step.y1, atol, rtol, valid=alive))
+        alive = alive & rows_finite(step.y1)
+        keep = alive[:, None]
+        y_new = torch.where(keep, step.y1, y)
+        tau_new = torch.where(alive, ends[i], tau)
+        f_end = method.end_derivative(step)
+        if f_end is None:
+            f_end, extra_eval = rhs(tau_new, y_new), True
+        if hasattr(method, "stiffness_terms"):
+            stiffness_terms.append(method.stiffness_terms(step, step.y1, f_end))
+        alive_after.append(alive)
+        if opts.stop_at_saves:
+            if grid.saves[i]:
+                save_vals.append(y_new)
+                save_alive.append(alive)
+                save_steps.append(grid.saves[i])
+        else:
+            size = step.ks.numel() + 3 * y.numel()
+            if pending and pending_size + size > SAVE_BUFFER_ELEMENTS:
+                next_save = _flush_saves(method, pending, tau_save, next_save, saved_vals, saved_idx, rhs, lazy_evals)
+                pending, pending_size = [], 0
+            pending.append((tau, h, y, step.ks, step.y1, f_end, tau_new))
+            pending_size += size
+        if on_progress is not None:
+            on_progress((float(grid.ends[i]) - t0) / span)
+        y, tau = y_new, tau_new
+        k1 = torch.where(keep, f_end, k1)
+
+    accepted = torch.stack(alive_after)                           # (N, B)
+    naccept = accepted.sum(0)
+    stopped = ~alive
+    if stop_at is None and torch.is_grad_enabled() and bool(stopped.any()):
+        # The failing step's overflowing values are in the autograd graph; a zero cotangent times
+        # an infinite partial derivative is NaN, which would reach shared parameters' gradients.
+        # Re-run with those samples stopped just before their failing step (same grid, same noise:
+        # the same values everywhere else), so that no non-finite value enters the graph.
+        return integrate_fixed(rhs, method, tau_save, y0, atol, rtol, opts, grid,
+                               stop_at=torch.where(stopped, naccept, N))
+    iters = naccept + stopped                                    # the failing step counts as a try
+    cum = torch.tensor([0] + list(itertools.accumulate(step_nfes)), device=device)
+    nfe = 1 + cum[iters] + (naccept if extra_eval else 0)
+    if pending:
+        _flush_saves(method, pending, tau_save, next_save, saved_vals, saved_idx, rhs, lazy_evals)
+    if lazy_evals:
+        nfe = nfe + torch.stack(lazy_evals).sum(0)
+    if opts.stop_at_saves:
+        ys = _stepped_saves(y0, save_vals, save_alive, save_steps, tau_save.shape[1])
+    else:
+        ys = _assemble_saves(y0, saved_vals, saved_idx, tau_save.shape[1])
+
+    eest = torch.stack(eests) if eests else torch.full((N, B), math.nan, dtype=dtype, device=device)
+    if stiffness_terms:
+        series = [None] * N
+        _flush_stiffness(method, stiffness_terms, series, norm)
+        stiffness = torch.stack(series)
+    else:
+        stiffness = torch.zeros(N, B, dtype=dtype, device=device)
+    # Accepted steps form a prefix of each sample's row (a stopped sample accepts nothing after),
+    # so this is the general loop's compacted trace as it stands.
+    mask = accepted.T
+    trace = {key: torch.where(mask, val.T, torch.zeros((), dtype=dtype, device=device))
+             for key, val in (("t", ends), ("dt", sizes), ("eest", eest), ("stiffness", stiffness))}
+    trace["mask"] = mask
+    status = torch.where(stopped, int(ReturnCode.Unstable), int(ReturnCode.Success))
+    return LoopResult(ys=ys, status=status, nfe=nfe, naccept=naccept, nreject=iters - naccept, counters={},
+                      trace=trace, dense=None, tau=tau, dt=torch.full((B,), float(opts.dt), dtype=dtype, device=device))
+
+
+def _stepped_saves(y0, vals, alive, steps, T):
+    """ys (T, B, n) from the states at the steps that end on save points; NaN from a sample's stop on."""
+    B, n = y0.shape
+    out = [y0]
+    nan = constant(0.0, y0) / 0  # (a NaN 0-d tensor)
+    for val, ok, indices in zip(vals, alive, steps):
+        out.extend([torch.where(ok[:, None], val, nan)] * len(indices))
+    return torch.stack(out)
+
+
+class _NoiseChunks:
+    """An SDE method's Brownian increments for the grid's steps, fetched many steps per tree query
+    (VirtualBrownianTree.grid_intervals) and handed to the step; () for ODE methods, and for other
+    Brownian paths (the step then queries them itself)."""
+
+    def __init__(self, method, starts, sizes, B):
+        self.method = method
+        bm = getattr(method, "bm", None)
+        self.active = hasattr(method, "increments") and isinstance(bm, VirtualBrownianTree)
+        if self.active:
+            self.starts = starts
+            self.ends = torch.minimum(starts + sizes, method.t_end)  # as SDEMethod.increments clamps
+            self.chunk = max(1, NOISE_CHUNK_ELEMENTS // (B * method.m))
+            self.first, self.W, self.H = 0, None, None
+
+    def at(self, i, alive):
+        if not self.active:
+            return ()
+        if self.W is None or i >= self.first + self.W.shape[0]:
+            self.first = i
+            sl = slice(i, i + self.chunk)
+            self.W, self.H = self.method.bm.grid_intervals(self.starts[sl], self.ends[sl], area=self.method.needs_area)
+        j = i - self.first
+        like, zero = self.starts[i], constant(0.0, self.starts)
+        # A stopped sample steps with h = 0, hence with no noise either.
+        dW = torch.where(alive[:, None], self.method._shape(self.W[j], like), zero)
+        H = None if self.H is None else torch.where(alive[:, None], self.method._shape(self.H[j], like), zero)
+        return ((dW, H),)
