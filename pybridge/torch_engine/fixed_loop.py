@@ -95,7 +95,10 @@ def integrate_fixed(rhs, method, tau_save, y0, atol, rtol, opts, grid: StepGrid,
     starts, ends, sizes = as_rows(grid.starts), as_rows(grid.ends), as_rows(grid.sizes)
     norm = Norm(opts.lockstep)
     zero_h = constant(0.0, sizes)
-    noise = _NoiseChunks(method, starts, sizes, B)
+    # Stopped samples step with h = 0 (and no noise) only where it matters, for the autograd graph's
+    # sake; without gradients their steps are simply discarded (keep, below).
+    guard = torch.is_grad_enabled()
+    noise = _NoiseChunks(method, starts, sizes, B, guard)
     on_progress = progress_hook()
     t0, span = float(grid.starts[0]), float(grid.ends[-1] - grid.starts[0])
 
@@ -110,7 +113,7 @@ def integrate_fixed(rhs, method, tau_save, y0, atol, rtol, opts, grid: StepGrid,
     for i in range(N):
         if stop_at is not None:
             alive = alive & (stop_at > i)
-        h = torch.where(alive, sizes[i], zero_h)           # stopped samples step with h = 0
+        h = torch.where(alive, sizes[i], zero_h) if guard else sizes[i]
         step = method.step(rhs, starts[i], y, h, k1, *noise.at(i, alive))
         step_nfes.append(step.nfe)
         if step.err is not None:
@@ -197,8 +200,8 @@ class _NoiseChunks:
     (VirtualBrownianTree.grid_intervals) and handed to the step; () for ODE methods, and for other
     Brownian paths (the step then queries them itself)."""
 
-    def __init__(self, method, starts, sizes, B):
-        self.method = method
+    def __init__(self, method, starts, sizes, B, mask_stopped):
+        self.method, self.mask_stopped = method, mask_stopped
         bm = getattr(method, "bm", None)
         self.active = hasattr(method, "increments") and isinstance(bm, VirtualBrownianTree)
         if self.active:
@@ -215,8 +218,11 @@ class _NoiseChunks:
             sl = slice(i, i + self.chunk)
             self.W, self.H = self.method.bm.grid_intervals(self.starts[sl], self.ends[sl], area=self.method.needs_area)
         j = i - self.first
-        like, zero = self.starts[i], constant(0.0, self.starts)
-        # A stopped sample steps with h = 0, hence with no noise either.
-        dW = torch.where(alive[:, None], self.method._shape(self.W[j], like), zero)
-        H = None if self.H is None else torch.where(alive[:, None], self.method._shape(self.H[j], like), zero)
+        like = self.starts[i]
+        dW = self.method._shape(self.W[j], like)
+        H = None if self.H is None else self.method._shape(self.H[j], like)
+        if self.mask_stopped:  # a stopped sample steps with h = 0, hence with no noise either
+            zero = constant(0.0, like)
+            dW = torch.where(alive[:, None], dW, zero)
+            H = None if H is None else torch.where(alive[:, None], H, zero)
         return ((dW, H),)
