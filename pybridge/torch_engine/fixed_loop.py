@@ -10,9 +10,10 @@ non-finite is stopped (code Unstable) with its values kept up to that step and N
 then on it steps with h = 0 from its last finite state (so its rows stay finite for the others'
 gradients). The trace, counts, saves and return codes equal the general loop's.
 
-Used when `grid_for` finds nothing this loop lacks (dense output, local-regularization probes,
-compile=True, a method whose steps report their own failures or counters, per-sample save times, a
-step count above max_steps); otherwise the general loop runs.
+Used when `grid_for` finds nothing this loop lacks (dense output, local-regularization probes, a
+method whose steps report their own failures or counters, per-sample save times, a step count above
+max_steps); otherwise the general loop runs. With compile=True, FixedStep (one step's tensor work)
+runs as one torch.compile'd graph.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ class StepGrid(NamedTuple):
 
 def grid_for(method, tau_save: torch.Tensor, opts) -> Optional[StepGrid]:
     """The step sequence of a fixed-step solve, or None where the general loop is needed."""
-    if (opts.adaptive or opts.compile or opts.dense or opts.probe is not None or opts.differentiable_dt
+    if (opts.adaptive or opts.dense or opts.probe is not None or opts.differentiable_dt
             or not getattr(method, "plain_steps", False) or tau_save.dtype not in HOST_DTYPES
             or not isinstance(opts.dt, (int, float))):
         return None
@@ -86,6 +87,45 @@ def step_grid(row: np.ndarray, dt: float, stop_at_saves: bool, max_steps: int) -
             return StepGrid(starts, ends, sizes, saves)
 
 
+class FixedIteration(NamedTuple):
+    step: tuple                         # the method's step
+    h: torch.Tensor                     # (B,) the step taken (0 for stopped samples, with guard)
+    eest: Optional[torch.Tensor]        # (B,) or None (no embedded estimate)
+    alive: torch.Tensor                 # (B,) not stopped, this step included
+    y_new: torch.Tensor                 # (B, n) the new state (the last finite one if stopped)
+    tau_new: torch.Tensor               # (B,) its time
+    f_end: torch.Tensor                 # (B, n) f at the step's end
+    extra_eval: bool                    # f_end cost an evaluation (no FSAL)
+    stiffness_terms: Optional[tuple]
+    k1: torch.Tensor                    # (B, n) the next step's first stage
+
+
+class FixedStep:
+    """The tensor work of one fixed step; pure, so that compile=True runs it as one graph."""
+
+    def __init__(self, rhs, method, norm, atol, rtol, guard):
+        self.rhs, self.method, self.norm, self.atol, self.rtol, self.guard = rhs, method, norm, atol, rtol, guard
+        self.has_stiffness_terms = hasattr(method, "stiffness_terms")
+
+    def __call__(self, tau, y, h_grid, end, k1, alive, tau_prev, noise=()) -> FixedIteration:
+        method = self.method
+        h = torch.where(alive, h_grid, constant(0.0, h_grid)) if self.guard else h_grid
+        step = method.step(self.rhs, tau, y, h, k1, *noise)
+        eest = None
+        if step.err is not None:
+            eest = error_norm(self.norm, step.err, y, step.y1, self.atol, self.rtol, valid=alive)
+        alive = alive & rows_finite(step.y1)
+        keep = alive[:, None]
+        y_new = torch.where(keep, step.y1, y)
+        tau_new = torch.where(alive, end, tau_prev)
+        f_end, extra_eval = method.end_derivative(step), False
+        if f_end is None:
+            f_end, extra_eval = self.rhs(tau_new, y_new), True
+        terms = method.stiffness_terms(step, step.y1, f_end) if self.has_stiffness_terms else None
+        return FixedIteration(step, h, eest, alive, y_new, tau_new, f_end, extra_eval, terms,
+                              torch.where(keep, f_end, k1))
+
+
 def integrate_fixed(rhs, method, tau_save, y0, atol, rtol, opts, grid: StepGrid, stop_at=None) -> LoopResult:
     """stop_at (B,): stop each sample before that step (a re-run, see below); None: where it fails."""
     B, n = y0.shape
@@ -94,11 +134,16 @@ def integrate_fixed(rhs, method, tau_save, y0, atol, rtol, opts, grid: StepGrid,
     as_rows = lambda xs: torch.tensor(np.asarray(xs), dtype=dtype, device=device)[:, None].expand(N, B)  # noqa: E731
     starts, ends, sizes = as_rows(grid.starts), as_rows(grid.ends), as_rows(grid.sizes)
     norm = Norm(opts.lockstep)
-    zero_h = constant(0.0, sizes)
     # Stopped samples step with h = 0 (and no noise) only where it matters, for the autograd graph's
-    # sake; without gradients their steps are simply discarded (keep, below).
+    # sake; without gradients their steps are simply discarded (FixedStep keeps the last state).
     guard = torch.is_grad_enabled()
     noise = _NoiseChunks(method, starts, sizes, B, guard)
+    if opts.compile:  # tolerances as graph inputs, not constants (no recompilation per rtol)
+        atol, rtol = (x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=dtype, device=device)
+                      for x in (atol, rtol))
+    advance = FixedStep(rhs, method, norm, atol, rtol, guard)
+    if opts.compile:
+        advance = torch.compile(advance)
     on_progress = progress_hook()
     t0, span = float(grid.starts[0]), float(grid.ends[-1] - grid.starts[0])
 
@@ -113,20 +158,14 @@ def integrate_fixed(rhs, method, tau_save, y0, atol, rtol, opts, grid: StepGrid,
     for i in range(N):
         if stop_at is not None:
             alive = alive & (stop_at > i)
-        h = torch.where(alive, sizes[i], zero_h) if guard else sizes[i]
-        step = method.step(rhs, starts[i], y, h, k1, *noise.at(i, alive))
+        it = advance(starts[i], y, sizes[i], ends[i], k1, alive, tau, noise.at(i, alive))
+        step, h, alive, y_new, tau_new, f_end = it.step, it.h, it.alive, it.y_new, it.tau_new, it.f_end
         step_nfes.append(step.nfe)
-        if step.err is not None:
-            eests.append(error_norm(norm, step.err, y, step.y1, atol, rtol, valid=alive))
-        alive = alive & rows_finite(step.y1)
-        keep = alive[:, None]
-        y_new = torch.where(keep, step.y1, y)
-        tau_new = torch.where(alive, ends[i], tau)
-        f_end = method.end_derivative(step)
-        if f_end is None:
-            f_end, extra_eval = rhs(tau_new, y_new), True
-        if hasattr(method, "stiffness_terms"):
-            stiffness_terms.append(method.stiffness_terms(step, step.y1, f_end))
+        extra_eval = it.extra_eval
+        if it.eest is not None:
+            eests.append(it.eest)
+        if it.stiffness_terms is not None:
+            stiffness_terms.append(it.stiffness_terms)
         alive_after.append(alive)
         if opts.stop_at_saves:
             if grid.saves[i]:
@@ -142,8 +181,7 @@ def integrate_fixed(rhs, method, tau_save, y0, atol, rtol, opts, grid: StepGrid,
             pending_size += size
         if on_progress is not None:
             on_progress((float(grid.ends[i]) - t0) / span)
-        y, tau = y_new, tau_new
-        k1 = torch.where(keep, f_end, k1)
+        y, tau, k1 = y_new, tau_new, it.k1
 
     accepted = torch.stack(alive_after)                           # (N, B)
     naccept = accepted.sum(0)
@@ -210,7 +248,8 @@ class _NoiseChunks:
             self.chunk = max(1, NOISE_CHUNK_ELEMENTS // (B * method.m))
             self.first, self.W, self.H = 0, None, None
 
-    def at(self, i, alive):
+    def at(self, i, alive) -> tuple:
+        """The extra arguments of step i's method.step: ((ΔW, H),), or () (none)."""
         if not self.active:
             return ()
         if self.W is None or i >= self.first + self.W.shape[0]:

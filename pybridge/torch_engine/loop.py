@@ -202,12 +202,11 @@ class Advance:
 
 def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, atol, rtol,
               opts: LoopOptions) -> LoopResult:
+    from .fixed_loop import grid_for, integrate_fixed  # (fixed_loop builds on this module)
+    grid = grid_for(method, tau_save, opts)
+    run = _integrate if grid is None else lambda *args: integrate_fixed(*args, grid)
     if not opts.compile:
-        from .fixed_loop import grid_for, integrate_fixed  # (fixed_loop builds on this module)
-        grid = grid_for(method, tau_save, opts)
-        if grid is not None:
-            return integrate_fixed(rhs, method, tau_save, y0, atol, rtol, opts, grid)
-        return _integrate(rhs, method, tau_save, y0, atol, rtol, opts)
+        return run(rhs, method, tau_save, y0, atol, rtol, opts)
     # An integer a module updates in forward (a call counter) would otherwise be a constant of the
     # compiled graph: a recompilation per call until torch gives up and falls back to eager. With
     # this flag (and automatic dynamic shapes) it becomes a graph input after one recompilation.
@@ -215,7 +214,7 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
     # more entries than torch's default 8 before it falls back to eager. Set once per solve, not per
     # iteration: a config patch costs ~50 µs.
     with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True, recompile_limit=64):
-        return _integrate(rhs, method, tau_save, y0, atol, rtol, opts)
+        return run(rhs, method, tau_save, y0, atol, rtol, opts)
 
 
 def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, atol, rtol,
