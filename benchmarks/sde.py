@@ -67,7 +67,8 @@ def pb_run(B, solver, seed, **kw):
 
     def fn():
         bm = pb.VirtualBrownianTree(0.0, 1.0, (B, M), seed=seed, levy_area=levy)
-        sol = pb.solve(prob, solver, brownian=bm, **kw)
+        with torch.no_grad():  # as torchsde below: the forward solve's cost
+            sol = pb.solve(prob, solver, brownian=bm, **kw)
         return sol, bm
     return fn
 
@@ -216,7 +217,7 @@ def render(results, args):
                          f"median {statistics.median(ratios):.2f}× (range {min(ratios):.2f}–{max(ratios):.2f}×). "
                          f"Target ≤ 0.5×: **{'hit' if statistics.median(ratios) <= 0.5 else 'MISSED'}**. "
                          "(Each library's wall at error e is its least cost of reaching e: over its contenders' "
-                         "curves through e and the points with error ≤ e.")
+                         "curves through e and the points with error ≤ e.)")
             if cmp_curves:
                 old = [r for *_, r in cmp_curves]
                 lines.append(f"Counting only curves that pass through e (the measure of earlier runs): median "
