@@ -147,3 +147,14 @@ def test_compiled_fixed_steps_match_eager():
     # (The stiffness estimate divides differences of nearby stages: fused kernels round them differently.)
     assert_same(compiled, eager, tol=1e-12, stiffness_tol=1e-6)
     torch.testing.assert_close(g_compiled, g_eager, rtol=1e-10, atol=1e-12)
+
+
+def test_buffered_saves_and_stiffness_flush_in_chunks(monkeypatch):
+    """Saves and stiffness estimates are computed many steps at a time; with a tiny buffer they are
+    flushed every few steps, with the same result."""
+    y0 = torch.randn(5, 2, dtype=D, generator=torch.Generator().manual_seed(4))
+    prob = pb.ODEProblem(spiral, y0, torch.linspace(0.0, 2.0, 9, dtype=D))
+    run = lambda: pb.solve(prob, pb.Vern7(), adaptive=False, dt=0.05)  # noqa: E731
+    whole = run()
+    monkeypatch.setattr(fixed_loop, "SAVE_BUFFER_ELEMENTS", 64)
+    assert_same(run(), whole, tol=1e-12)  # (interpolating a different number of rows at once rounds differently)

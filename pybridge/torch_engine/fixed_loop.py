@@ -6,9 +6,10 @@ scalars of the state's dtype round exactly as torch's ops do), so the steps, the
 the Brownian increments are the ones the general loop (loop.py) takes. Each step then costs the
 method's own work plus a few ops: no step choice, error-norm acceptance or controller, and no host
 read at all. What the general loop does per sample still holds: a sample whose state turns
-non-finite is stopped (code Unstable) with its values kept up to that step and NaN after, and from
-then on it steps with h = 0 from its last finite state (so its rows stay finite for the others'
-gradients). The trace, counts, saves and return codes equal the general loop's.
+non-finite is stopped (code Unstable) with its values kept up to that step and NaN after. With
+gradients, such a solve is re-run with that sample stepping with h = 0 from just before its failing
+step, so that no non-finite value enters the autograd graph (see integrate_fixed). The trace,
+counts, saves and return codes equal the general loop's.
 
 Used when `grid_for` finds nothing this loop lacks (dense output, local-regularization probes, a
 method whose steps report their own failures or counters, per-sample save times, a step count above
@@ -150,7 +151,7 @@ def integrate_fixed(rhs, method, tau_save, y0, atol, rtol, opts, grid: StepGrid,
     y, k1 = y0, rhs(starts[0], y0)
     tau = starts[0]
     alive = torch.ones(B, dtype=torch.bool, device=device)
-    alive_after, step_nfes, eests, stiffness_terms = [], [], [], []
+    alive_after, step_nfes, eests, stiffness_terms, stiffness = [], [], [], [], []
     save_vals, save_alive, save_steps = [], [], []
     pending, pending_size, saved_vals, saved_idx = [], 0, [], []
     next_save = torch.ones(B, dtype=torch.long, device=device)
@@ -164,8 +165,11 @@ def integrate_fixed(rhs, method, tau_save, y0, atol, rtol, opts, grid: StepGrid,
         extra_eval = it.extra_eval
         if it.eest is not None:
             eests.append(it.eest)
-        if it.stiffness_terms is not None:
+        if it.stiffness_terms is not None:  # estimates computed many steps at once, as in loop.py
             stiffness_terms.append(it.stiffness_terms)
+            stiffness.append(None)
+            if len(stiffness_terms) * 2 * y.numel() > SAVE_BUFFER_ELEMENTS:
+                _flush_stiffness(method, stiffness_terms, stiffness, norm)
         alive_after.append(alive)
         if opts.stop_at_saves:
             if grid.saves[i]:
@@ -207,11 +211,8 @@ def integrate_fixed(rhs, method, tau_save, y0, atol, rtol, opts, grid: StepGrid,
 
     eest = torch.stack(eests) if eests else torch.full((N, B), math.nan, dtype=dtype, device=device)
     if stiffness_terms:
-        series = [None] * N
-        _flush_stiffness(method, stiffness_terms, series, norm)
-        stiffness = torch.stack(series)
-    else:
-        stiffness = torch.zeros(N, B, dtype=dtype, device=device)
+        _flush_stiffness(method, stiffness_terms, stiffness, norm)
+    stiffness = torch.stack(stiffness) if stiffness else torch.zeros(N, B, dtype=dtype, device=device)
     # Accepted steps form a prefix of each sample's row (a stopped sample accepts nothing after),
     # so this is the general loop's compacted trace as it stands.
     mask = accepted.T
