@@ -54,17 +54,18 @@ class ExplicitRK:
         # (Stacking the stage list per stage stays: a strided prefix of a preallocated buffer
         # would change the matrix-vector product's rounding, hence the accepted steps.)
         hcol = h[:, None]
-        times = torch.addcmul(t, h, self.c_col).unbind(0)  # t + c_i·h for every stage in one op
+        s = len(self.c)
+        # t + c_i·h for every stage in one op (none needed for a one-stage method: Euler)
+        times = torch.addcmul(t, h, self.c_col).unbind(0) if s > 1 else None
         ks = [k1]
         args = {0: y}
         keep = set(self.stiffness_pair)
-        s = len(self.c)
         for i in range(1, s):
             yi = torch.addcmul(y, hcol, torch.stack(ks, -1) @ self.a_rows[i])
             if i in keep or (self.fsal and i == s - 1):
                 args[i] = yi
             ks.append(rhs(times[i], yi))
-        K = torch.stack(ks, 1)  # (B, s, n)
+        K = torch.stack(ks, 1) if s > 1 else k1[:, None]  # (B, s, n)
         combo = self.weights_T @ K  # (B, 1 or 2, n): solution and error weights in one product
         # FSAL: the last stage is evaluated at y1, so its argument *is* the solution.
         y1 = args[s - 1] if self.fsal else torch.addcmul(y, hcol, combo[:, 0])
