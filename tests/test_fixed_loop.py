@@ -23,10 +23,17 @@ def general_loop(monkeypatch):
 
 
 def both(monkeypatch, run):
-    lean = run()
+    """(run() in the fixed-step loop, run() in the general loop), checking which loop ran."""
+    calls = []
     with monkeypatch.context() as m:
+        real = fixed_loop.integrate_fixed
+        m.setattr(fixed_loop, "integrate_fixed", lambda *a, **k: calls.append(1) or real(*a, **k))
+        lean = run()
+        assert calls, "the fixed-step loop did not run"
         general_loop(m)
+        calls.clear()
         ref = run()
+        assert not calls
     return lean, ref
 
 
