@@ -226,9 +226,8 @@ def integrate_fixed(rhs, method, tau_save, y0, atol, rtol, opts, grid: StepGrid,
 
 def _stepped_saves(y0, vals, alive, steps, T):
     """ys (T, B, n) from the states at the steps that end on save points; NaN from a sample's stop on."""
-    B, n = y0.shape
     out = [y0]
-    nan = constant(0.0, y0) / 0  # (a NaN 0-d tensor)
+    nan = torch.tensor(math.nan, dtype=y0.dtype, device=y0.device)
     for val, ok, indices in zip(vals, alive, steps):
         out.extend([torch.where(ok[:, None], val, nan)] * len(indices))
     return torch.stack(out)
