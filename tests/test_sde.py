@@ -356,11 +356,15 @@ def test_float32_adaptive_first_step():
 
 @pytest.mark.parametrize("solver", [pb.EM(), pb.SRIW1(), pb.ReversibleHeun()])
 @pytest.mark.parametrize("saveat", [None, [0.3, 0.5]])
-def test_fixed_step_lookahead_matches_per_step_queries(solver, saveat):
-    """Fixed steps take their increments from batched look-ahead queries (sde.StepAhead); the result
-    must be that of one tree query per step, with saves breaking the predicted grid."""
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared-t", "per-sample-t"])
+def test_fixed_step_lookahead_matches_per_step_queries(solver, saveat, per_sample):
+    """Fixed steps take their increments from batched tree queries: fixed_loop._NoiseChunks for save
+    times shared by the batch, sde.StepAhead's look-ahead in the general loop for per-sample ones.
+    The result must be that of one tree query per step, with saves shortening steps of the grid."""
     B = 5
     t = torch.tensor([0.0, 1.0] if saveat is None else [0.0] + saveat + [1.0], dtype=D)
+    if per_sample:  # each sample its own end: the general loop
+        t = torch.tensor([t[:-1].tolist() + [1.0 - 0.01 * b] for b in range(B)], dtype=D)
     interpretation = "stratonovich" if isinstance(solver, pb.ReversibleHeun) else "ito"
     prob = pb.SDEProblem(lambda t, y: MU * y, lambda t, y: SIG * y, torch.full((B, 2), U0, dtype=D), t,
                          interpretation=interpretation)
@@ -380,7 +384,7 @@ def test_fixed_step_lookahead_matches_per_step_queries(solver, saveat):
         ys = pb.solve(prob, solver, adaptive=False, dt=dt, brownian=bm).ys
         ref = pb.solve(prob, solver, adaptive=False, dt=dt, brownian=PerStep(bm)).ys
         assert torch.allclose(ys, ref, rtol=1e-12, atol=1e-14)
-        if dt == 0.03 or saveat is None:  # same tree depth per query as a direct query: bit-identical
+        if not per_sample and (dt == 0.03 or saveat is None):  # same tree depth per query: bit-identical
             assert torch.equal(ys, ref)
 
 

@@ -236,7 +236,8 @@ def _stepped_saves(y0, vals, alive, steps, T):
 class _NoiseChunks:
     """An SDE method's Brownian increments for the grid's steps, fetched many steps per tree query
     (VirtualBrownianTree.grid_intervals) and handed to the step; () for ODE methods, and for other
-    Brownian paths (the step then queries them itself)."""
+    Brownian paths (the step then queries them itself). The grid being known, no prediction is needed
+    (the general loop's fixed steps predict theirs: sde.StepAhead)."""
 
     def __init__(self, method, starts, sizes, B, mask_stopped):
         self.method, self.mask_stopped = method, mask_stopped

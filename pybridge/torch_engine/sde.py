@@ -93,7 +93,9 @@ LOOKAHEAD_ELEMENTS = 1 << 16
 
 
 class StepAhead:
-    """Fixed-step solves: Brownian increments of the next steps from one batched tree query.
+    """Fixed-step solves in the general loop (per-sample save times, dense output, probes; with
+    shared save times fixed_loop knows the grid and fetches it directly): Brownian increments of the
+    next steps from one batched tree query.
 
     A single VirtualBrownianTree query costs ~100 small kernels whatever the batch, so small-batch
     fixed-step solves are launch-bound. Each query here that does not match the cached look-ahead
