@@ -301,3 +301,29 @@ def test_grid_intervals_dyadic_cells(levy, dtype):
     assert bm._as_dyadic_cells(per_sample[:-1].clamp(max=3.0), per_sample[1:].clamp(max=3.0)) is None
     W, _ = bm.grid_intervals(grid[:-2] + 0.1, grid[1:-1] + 0.1)
     assert torch.equal(W, bm.intervals(grid[:-2] + 0.1, grid[1:-1] + 0.1)[0])
+
+
+def test_dyadic_cells_from_per_sample_rows():
+    """The fixed-step loop passes its grid as (K, B) rows (expanded views, or equal columns): the
+    cells are found from one column when the tree has one span, and every sample is still checked
+    otherwise (a differing sample, or per-sample spans, take the general route)."""
+    B = 4
+    s = 0.5 * torch.arange(6, dtype=torch.float64)
+    t = s + 0.5
+    shared = VirtualBrownianTree(0.0, 4.0, (B, 2), seed=1)
+    rows = [(s[:, None].expand(6, B), t[:, None].expand(6, B)),                  # stride 0
+            (s[:, None].repeat(1, B), t[:, None].repeat(1, B))]                  # equal columns
+    for rs, rt in rows:
+        assert shared._as_dyadic_cells(rs, rt) == (3, 0, 6)
+        W, _ = shared.grid_intervals(rs, rt)
+        assert torch.equal(W, shared.grid_intervals(s, t)[0])
+    odd = s[:, None].repeat(1, B)
+    odd[2, 1] += 0.25
+    assert shared._as_dyadic_cells(odd, t[:, None].repeat(1, B)) is None
+    with pytest.raises(ValueError, match="outside"):
+        shared._as_dyadic_cells(s[:, None].expand(6, B) + 4.0, t[:, None].expand(6, B) + 4.0)
+    # per-sample spans: the same times are different cells for different samples
+    spans = VirtualBrownianTree(torch.zeros(B), torch.tensor([4.0, 4.0, 8.0, 4.0]), (B, 2), seed=1)
+    assert spans._as_dyadic_cells(*rows[0]) is None
+    equal_spans = VirtualBrownianTree(torch.zeros(B), torch.full((B,), 4.0), (B, 2), seed=1)
+    assert equal_spans._as_dyadic_cells(*rows[0]) == (3, 0, 6)

@@ -34,6 +34,7 @@ import functools
 import math
 from typing import Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 __all__ = ["VirtualBrownianTree"]
@@ -193,6 +194,8 @@ class VirtualBrownianTree:
         self.t0 = torch.as_tensor(t0, **f64).expand(B).contiguous()
         self.t1 = torch.as_tensor(t1, **f64).expand(B).contiguous()
         self._len = self.t1 - self.t0
+        # One span for every sample: a query on one grid for all samples need normalise one column.
+        self._uniform_span = all(not torch.is_tensor(x) or x.numel() == 1 for x in (t0, t1))
         min_len = self._len.min().item()  # one host sync, at construction only
         if not min_len > 0:
             raise ValueError("need t1 > t0 for every sample")
@@ -274,19 +277,37 @@ class VirtualBrownianTree:
         for every sample; else None. CPU only (reads the times on the host)."""
         if self.device.type != "cpu":
             return None
-        rs, rt = self._normalise(s, many=True), self._normalise(t, many=True)
-        if not (torch.equal(rs, rs[:, :1].expand_as(rs)) and torch.equal(rt, rt[:, :1].expand_as(rt))):
-            return None  # per-sample grids differ
-        ends = torch.cat([rs[:, 0], rt[-1:, 0]]) * 2.0**self.depth  # exact: power-of-two scaling
-        if not bool((ends == torch.floor(ends)).all()) or not torch.equal(rt[:-1, 0], rs[1:, 0]):
+        cs, ct = (self._shared_column(x) for x in (s, t))
+        if cs is not None and ct is not None:
+            rs, rt = self._normalise(cs, many=True, one_column=True), self._normalise(ct, many=True, one_column=True)
+        else:
+            rs, rt = self._normalise(s, many=True), self._normalise(t, many=True)
+            if not (torch.equal(rs, rs[:, :1].expand_as(rs)) and torch.equal(rt, rt[:, :1].expand_as(rt))):
+                return None  # per-sample grids differ
+        rs, rt = rs[:, 0].numpy(), rt[:, 0].numpy()  # the rest on the host: a few small checks
+        ends = np.append(rs, rt[-1]) * 2.0**self.depth  # exact: power-of-two scaling
+        if not (ends == np.floor(ends)).all() or not np.array_equal(rt[:-1], rs[1:]):
             return None
-        v = ends.long()
-        width = v[1:] - v[:-1]
+        v = ends.astype(np.int64)
+        width = np.diff(v)
         cell = int(width[0])
-        if cell <= 0 or cell & (cell - 1) or not bool((width == cell).all()) or int(v[0]) % cell:
+        if cell <= 0 or cell & (cell - 1) or not (width == cell).all() or int(v[0]) % cell:
             return None  # not one power-of-two cell width, or not aligned to it
         k = self.depth - (cell.bit_length() - 1)
-        return k, int(v[0]) // cell, width.numel()
+        return k, int(v[0]) // cell, width.size
+
+    def _shared_column(self, x):
+        """Times (K,) or (K, B) as one (K, 1) column when every sample has the same span and the
+        same times (a fixed-step grid): normalising one column instead of B is most of the check's
+        cost. None otherwise (or for a shape _normalise will reject)."""
+        if not self._uniform_span or not torch.is_tensor(x) or x.dim() not in (1, 2):
+            return None
+        x = x.to(torch.float64)
+        if x.dim() == 1:
+            return x[:, None]
+        if x.shape[1] in (1, self.B) and (x.stride(1) == 0 or torch.equal(x, x[:, :1].expand_as(x))):
+            return x[:, :1]
+        return None
 
     def _dyadic_cells(self, k: int, j0: int, K: int, area: bool):
         """(W, H or None) over the level-k cells j0 … j0+K−1, each (K, B, m). From the root, each level
@@ -326,8 +347,9 @@ class VirtualBrownianTree:
         return W, (out(hh * (2.0**k * scale)) if area else None)
 
 
-    def _normalise(self, t: Time, many: bool = False) -> torch.Tensor:
-        """Normalised times (B,), or (K, B) for ``many`` (times of shape (K, B) or (K,))."""
+    def _normalise(self, t: Time, many: bool = False, one_column: bool = False) -> torch.Tensor:
+        """Normalised times (B,), or (K, B) for ``many`` (times of shape (K, B) or (K,)); (K, 1) with
+        ``one_column`` (times (K, 1) shared by all samples, which share one span)."""
         t = torch.as_tensor(t, dtype=torch.float64, device=self.device)
         if many:
             if t.dim() == 1:
@@ -338,7 +360,10 @@ class VirtualBrownianTree:
             raise ValueError(
                 f"query times must be scalars or shape ({self.B},), got {tuple(t.shape)}"
             )
-        r = ((t - self.t0) / self._len).expand(*t.shape[:-1], self.B)
+        if one_column:
+            r = (t - self.t0[:1]) / self._len[:1]
+        else:
+            r = ((t - self.t0) / self._len).expand(*t.shape[:-1], self.B)
         if r.device.type == "cpu":  # range check costs a host sync elsewhere, so CPU only
             if bool(((r < -1e-6) | (r > 1 + 1e-6)).any()):
                 raise ValueError("VirtualBrownianTree queried outside [t0, t1]")
