@@ -39,6 +39,9 @@ import torch  # noqa: E402
 import pybridge as pb  # noqa: E402
 
 SECTION = "sde"
+# Short solves are repeated until their runs add up to this many seconds (up to 100 runs), the same
+# for both libraries: the median of 3 runs of a few milliseconds moves by 20-50% on a shared machine.
+BUDGET = 0.5
 MU, SIG, Y0 = (1.01, 0.5), (0.87, 0.4), 0.5
 M = 2
 DT = torch.float64
@@ -80,7 +83,7 @@ def pb_point(B, name, solver, seed, repeats, **kw):
         start = time.perf_counter()
         fn()
         warmup = time.perf_counter() - start
-    wall, n, (sol, bm) = report.timed(fn, repeats)
+    wall, n, (sol, bm) = report.timed(fn, repeats, budget=BUDGET)
     err = (sol.ys[-1] - exact(bm(0.0, 1.0))).abs().mean().item()
     steps = int((sol.stats.naccept + sol.stats.nreject).max())
     return dict(lib="pybridge", name=name, err=err, wall=wall, n=n, steps=steps, warmup=warmup)
@@ -117,7 +120,7 @@ def ts_point(B, name, method, seed, repeats, **kw):
             ys = torchsde.sdeint(sde, y0, ts, bm=bm, method=method, **kw)
         return ys, bm
 
-    wall, n, (ys, bm) = report.timed(fn, repeats)
+    wall, n, (ys, bm) = report.timed(fn, repeats, budget=BUDGET)
     err = (ys[-1] - exact(bm(0.0, 1.0))).abs().mean().item()
     return dict(lib="torchsde", name=name, err=err, wall=wall, n=n, steps=None)
 
@@ -195,15 +198,16 @@ def render(results, args):
              f"Machine: {report.machine(('torch', 'torchsde', 'numpy'))}. {report.load_note()}."
              + (f" Note: {args.load_note}" if args.load_note else ""), "",
              "GBM, diagonal noise (m = 2), t ∈ [0, 1], float64, one thread; strong error = mean |y(1) − exact| "
-             "on each library's own Brownian path (see benchmarks/sde.py). Wall = median over repeats, "
-             "including building the Brownian path object. Contenders with compile=True compile at their "
+             "on each library's own Brownian path (see benchmarks/sde.py). Wall = median over the runs "
+             f"(at least {args.repeats}; short solves repeated until their runs add up to {BUDGET:g} s, at most 100; "
+             "column 'runs'), including building the Brownian path object. Contenders with compile=True compile at their "
              "first solve of each batch size; that solve is run untimed beforehand (the slowest such warm-up "
              "is given under each table).", ""]
     for B, pts in results.items():
-        lines += [f"### batch {B}", "", "| library | contender | strong error | wall | max steps |", "|---|---|---|---|---|"]
+        lines += [f"### batch {B}", "", "| library | contender | strong error | wall | runs | max steps |", "|---|---|---|---|---:|---|"]
         for p in pts:
             err = "—" if p["err"] is None else f"{p['err']:.2e}"
-            lines.append(f"| {p['lib']} | {p['name']} | {err} | {report.fmt_s(p['wall'])} | "
+            lines.append(f"| {p['lib']} | {p['name']} | {err} | {report.fmt_s(p['wall'])} | {p['n']} | "
                          f"{'—' if p['steps'] is None else p['steps']} |")
         cmp, cmp_curves = compare(pts), compare(pts, envelope=False)
         lines.append("")
@@ -229,9 +233,11 @@ def render(results, args):
 
 
 def main(argv=None):
+    global BUDGET
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: batch 64, fewer settings, 1 repeat")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--budget", type=float, default=BUDGET, help="seconds of repeated runs per short solve")
     ap.add_argument("--batches", default="64,1024")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
@@ -239,9 +245,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.quick:
-        args.repeats, batches = 1, [64]
+        args.repeats, args.budget, batches = 1, 0.0, [64]
     else:
         batches = [int(b) for b in args.batches.split(",") if b]
+    BUDGET = args.budget
     results = {B: run_batch(B, args) for B in batches}
     text = render(results, args)
     print(text)
