@@ -148,3 +148,31 @@ def test_a_diverging_sample_leaves_shared_parameter_gradients_finite(batch, adap
         alone = solve(torch.tensor([[0.1], [0.2]], dtype=torch.float64), rate)
         (grad_alone,) = torch.autograd.grad(alone.ys[-1].sum(), rate)
         torch.testing.assert_close(grad, grad_alone, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("method, kw", [
+    ("Tsit5", dict(rtol=1e-6, atol=1e-8)),                     # general loop
+    ("Tsit5", dict(adaptive=False, dt=0.05)),                   # fixed-step loop
+    ("Rodas5P", dict(rtol=1e-6, atol=1e-8)),                    # stiff steps, general loop
+])
+def test_end_only_saves_equal_interpolated_saves(method, kw):
+    """Save times (t0, t1): the end's value is the last state, not an interpolation of buffered
+    steps. It must equal what the buffered path gives for the same end (a solve with one more save
+    time in between takes the same steps), NaN for a sample that stopped early, and carry the same
+    gradients."""
+    rate = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    y0 = torch.tensor([[0.1], [1e100], [0.2]], dtype=torch.float64)
+
+    def solve(t):
+        prob = pb.ODEProblem(lambda t, y: rate * y * y, y0, torch.tensor(t, dtype=torch.float64))
+        with pytest.warns(RuntimeWarning):
+            return pb.solve(prob, getattr(pb, method)(), **kw)
+
+    ends, more = solve([0.0, 1.0]), solve([0.0, 0.4, 1.0])
+    assert ends.ys.shape == (2, 3, 1)
+    torch.testing.assert_close(ends.ys[-1], more.ys[-1], rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(ends.ys[-1, 1]).all() and torch.isfinite(ends.ys[-1, [0, 2]]).all()
+    assert ends.retcodes == more.retcodes
+    g_end = torch.autograd.grad(ends.ys[-1, [0, 2]].sum(), rate)[0]
+    g_more = torch.autograd.grad(more.ys[-1, [0, 2]].sum(), rate)[0]
+    torch.testing.assert_close(g_end, g_more, rtol=1e-14, atol=0)

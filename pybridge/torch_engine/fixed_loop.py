@@ -29,7 +29,8 @@ from ..progress import current_hook as progress_hook
 from ..solution import ReturnCode
 from .brownian import VirtualBrownianTree
 from .controller import Norm, constant, error_norm, rows_finite
-from .loop import SAVE_BUFFER_ELEMENTS, LoopResult, _assemble_saves, _flush_saves, _flush_stiffness, compiled
+from .loop import (SAVE_BUFFER_ELEMENTS, LoopResult, _assemble_saves, _flush_saves, _flush_stiffness, compiled,
+                   end_saves)
 
 HOST_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 # Brownian increments fetched per batched tree query (elements: steps × samples × dimensions).
@@ -144,7 +145,7 @@ def integrate_fixed(rhs, method, tau_save, y0, atol, rtol, opts, grid: StepGrid,
                       for x in (atol, rtol))
     advance = FixedStep(rhs, method, norm, atol, rtol, guard)
     if opts.compile:
-        advance = compiled(advance)
+        advance = compiled(advance, device)
     on_progress = progress_hook()
     t0, span = float(grid.starts[0]), float(grid.ends[-1] - grid.starts[0])
 
@@ -158,6 +159,7 @@ def integrate_fixed(rhs, method, tau_save, y0, atol, rtol, opts, grid: StepGrid,
     pending, pending_size, saved_vals, saved_idx = [], 0, [], []
     next_save = torch.ones(B, dtype=torch.long, device=device)
     lazy_evals, extra_eval = [], False
+    end_only = not opts.stop_at_saves and tau_save.shape[1] == 2   # as in loop.py
     for i in range(N):
         if stop_at is not None:
             alive = alive & (stop_at > i)
@@ -178,7 +180,7 @@ def integrate_fixed(rhs, method, tau_save, y0, atol, rtol, opts, grid: StepGrid,
                 save_vals.append(y_new)
                 save_alive.append(alive)
                 save_steps.append(grid.saves[i])
-        else:
+        elif not end_only:
             size = step.ks.numel() + 3 * y.numel()
             if pending and pending_size + size > SAVE_BUFFER_ELEMENTS:
                 next_save = _flush_saves(method, pending, tau_save, next_save, saved_vals, saved_idx, rhs, lazy_evals)
@@ -208,6 +210,8 @@ def integrate_fixed(rhs, method, tau_save, y0, atol, rtol, opts, grid: StepGrid,
         nfe = nfe + torch.stack(lazy_evals).sum(0)
     if opts.stop_at_saves:
         ys = _stepped_saves(y0, save_vals, save_alive, save_steps, tau_save.shape[1])
+    elif end_only:
+        ys = end_saves(y0, y, alive)
     else:
         ys = _assemble_saves(y0, saved_vals, saved_idx, tau_save.shape[1])
 
