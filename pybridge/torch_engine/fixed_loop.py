@@ -30,7 +30,7 @@ from ..solution import ReturnCode
 from .brownian import VirtualBrownianTree
 from .controller import Norm, constant, error_norm, rows_finite
 from .loop import (SAVE_BUFFER_ELEMENTS, LoopResult, _assemble_saves, _flush_saves, _flush_stiffness, compiled,
-                   end_saves)
+                   end_saves, tolerance_inputs)
 
 HOST_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 # Brownian increments fetched per batched tree query (elements: steps × samples × dimensions).
@@ -91,7 +91,7 @@ def step_grid(row: np.ndarray, dt: float, stop_at_saves: bool, max_steps: int) -
 
 class FixedIteration(NamedTuple):
     step: tuple                         # the method's step
-    h: torch.Tensor                     # (B,) the step taken (0 for stopped samples, with guard)
+    h: Optional[torch.Tensor]           # (B,) the step taken (0 for stopped samples), with guard; else None (h_grid)
     eest: Optional[torch.Tensor]        # (B,) or None (no embedded estimate)
     alive: torch.Tensor                 # (B,) not stopped, this step included
     y_new: torch.Tensor                 # (B, n) the new state (the last finite one if stopped)
@@ -105,14 +105,19 @@ class FixedIteration(NamedTuple):
 class FixedStep:
     """The tensor work of one fixed step; pure, so that compile=True runs it as one graph."""
 
-    def __init__(self, rhs, method, norm, atol, rtol, guard):
+    def __init__(self, rhs, method, norm, atol, rtol, guard, keep_stages):
         self.rhs, self.method, self.norm, self.atol, self.rtol, self.guard = rhs, method, norm, atol, rtol, guard
+        # The stages are only kept to interpolate save points; unreturned, a compiled step need not
+        # write them (or replay them as a view of its input k1, as an SDE step's are).
+        self.keep_stages = keep_stages
         self.has_stiffness_terms = hasattr(method, "stiffness_terms")
 
     def __call__(self, tau, y, h_grid, end, k1, alive, tau_prev, noise=()) -> FixedIteration:
         method = self.method
         h = torch.where(alive, h_grid, constant(0.0, h_grid)) if self.guard else h_grid
         step = method.step(self.rhs, tau, y, h, k1, *noise)
+        if not self.guard:
+            h = None  # h_grid itself: returning an input costs the compiled call an alias replay
         eest = None
         if step.err is not None:
             eest = error_norm(self.norm, step.err, y, step.y1, self.atol, self.rtol, valid=alive)
@@ -124,6 +129,8 @@ class FixedStep:
         if f_end is None:
             f_end, extra_eval = self.rhs(tau_new, y_new), True
         terms = method.stiffness_terms(step, step.y1, f_end) if self.has_stiffness_terms else None
+        if not self.keep_stages:
+            step = step._replace(ks=None)
         return FixedIteration(step, h, eest, alive, y_new, tau_new, f_end, extra_eval, terms,
                               torch.where(keep, f_end, k1))
 
@@ -140,10 +147,10 @@ def integrate_fixed(rhs, method, tau_save, y0, atol, rtol, opts, grid: StepGrid,
     # sake; without gradients their steps are simply discarded (FixedStep keeps the last state).
     guard = torch.is_grad_enabled()
     noise = _NoiseChunks(method, starts, sizes, B, guard)
-    if opts.compile:  # tolerances as graph inputs, not constants (no recompilation per rtol)
-        atol, rtol = (x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=dtype, device=device)
-                      for x in (atol, rtol))
-    advance = FixedStep(rhs, method, norm, atol, rtol, guard)
+    if opts.compile:
+        atol, rtol = tolerance_inputs(atol, rtol, dtype, device)
+    end_only = not opts.stop_at_saves and tau_save.shape[1] == 2   # as in loop.py
+    advance = FixedStep(rhs, method, norm, atol, rtol, guard, keep_stages=not (opts.stop_at_saves or end_only))
     if opts.compile:
         advance = compiled(advance, device)
     on_progress = progress_hook()
@@ -159,12 +166,12 @@ def integrate_fixed(rhs, method, tau_save, y0, atol, rtol, opts, grid: StepGrid,
     pending, pending_size, saved_vals, saved_idx = [], 0, [], []
     next_save = torch.ones(B, dtype=torch.long, device=device)
     lazy_evals, extra_eval = [], False
-    end_only = not opts.stop_at_saves and tau_save.shape[1] == 2   # as in loop.py
     for i in range(N):
         if stop_at is not None:
             alive = alive & (stop_at > i)
         it = advance(starts[i], y, sizes[i], ends[i], k1, alive, tau, noise.at(i, alive))
-        step, h, alive, y_new, tau_new, f_end = it.step, it.h, it.alive, it.y_new, it.tau_new, it.f_end
+        step, alive, y_new, tau_new, f_end = it.step, it.alive, it.y_new, it.tau_new, it.f_end
+        h = sizes[i] if it.h is None else it.h
         step_nfes.append(step.nfe)
         extra_eval = it.extra_eval
         if it.eest is not None:

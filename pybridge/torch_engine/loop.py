@@ -241,6 +241,15 @@ def compiled(step: Callable, device: torch.device) -> Callable:
     return functools.partial(_compiled_call(device.type == "cpu"), step)
 
 
+def tolerance_inputs(atol, rtol, dtype, device):
+    """Tolerances as inputs of a compiled graph, not constants of it (no recompilation per rtol), and
+    at least 1-d: a 0-d tensor gets a guard that reads it on the host at every call (not NaN)."""
+    def as_input(x):
+        x = x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=dtype, device=device)
+        return x.reshape(1) if x.dim() == 0 else x
+    return as_input(atol), as_input(rtol)
+
+
 def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, atol, rtol,
                opts: LoopOptions) -> LoopResult:
     B, n = y0.shape
@@ -302,8 +311,7 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
         # ops); the first solve of a shape pays the compilation (seconds), later ones reuse it. What
         # varies between solves must be graph inputs, not constants of it: tolerances as tensors,
         # and the state in one memory layout (a (1,) view of tau_save has stride T, later ones 1).
-        atol, rtol = (x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=dtype, device=device)
-                      for x in (atol, rtol))
+        atol, rtol = tolerance_inputs(atol, rtol, dtype, device)
         tau, y, dt, k1, errold = (x.clone(memory_format=torch.contiguous_format) for x in (tau, y, dt, k1, errold))
     # With gradients, a step that overflows is taken again with its overflowing samples at h = 0: a
     # zero cotangent times an infinite partial derivative is NaN, which would otherwise reach the
