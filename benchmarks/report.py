@@ -5,8 +5,7 @@
   block is appended.
 - `machine(extra)`: one line naming the machine, CPU model, Python and library versions, threads.
 - `interp_at(pts, err, key)`: log-log interpolation of a cost at a given achieved error.
-- `timed(fn, repeats, budget=0)`: median wall time over repeats (fewer for slow calls, more for
-  short ones with a time budget; says how many).
+- `timed(fn, repeats)`: median wall time over repeats (fewer for slow calls; says how many).
 """
 from __future__ import annotations
 
@@ -123,18 +122,15 @@ def interp_at(pts, err, key):
     return None
 
 
-def timed(fn, repeats: int, slow: float = 2.0, budget: float = 0.0, max_runs: int = 100):
+def timed(fn, repeats: int, slow: float = 2.0):
     """(median wall, number of timed runs, last result). The first call is timed too (no warm-up:
-    callers compile JIT code beforehand); if it took longer than `slow` seconds it is the only one.
-    With a `budget` (seconds), short calls are repeated beyond `repeats` until their total time
-    reaches it (at most `max_runs` runs): the median of 3 runs of a few milliseconds moves by 20-50%
-    on a shared machine, that of 50 far less."""
+    callers compile JIT code beforehand); if it took longer than `slow` seconds it is the only one."""
     times = []
     start = time.perf_counter()
     out = fn()
     times.append(time.perf_counter() - start)
     if times[0] < slow:
-        while len(times) < repeats or (sum(times) < budget and len(times) < max_runs):
+        for _ in range(max(0, repeats - 1)):
             start = time.perf_counter()
             out = fn()
             times.append(time.perf_counter() - start)

@@ -1,6 +1,6 @@
 """SDE strong error versus wall time: pybridge against torchsde (issue 5).
 
-    python -m benchmarks.sde [--quick] [--repeats 3] [--batches 64,1024] [--no-write]
+    python -m benchmarks.sde [--quick] [--rounds 3] [--budget 0.5] [--batches 64,1024] [--no-write]
 
 Problem: geometric Brownian motion with diagonal noise, m = 2 Brownian dimensions,
 dy_i = mu_i y_i dt + sigma_i y_i dW_i (Itô), mu = (1.01, 0.5), sigma = (0.87, 0.4), y0 = 0.5,
@@ -42,6 +42,8 @@ SECTION = "sde"
 # Short solves are repeated until their runs add up to this many seconds (up to 100 runs), the same
 # for both libraries: the median of 3 runs of a few milliseconds moves by 20-50% on a shared machine.
 BUDGET = 0.5
+MAX_RUNS = 100
+SLOW = 2.0  # seconds: a contender slower than this is run once
 MU, SIG, Y0 = (1.01, 0.5), (0.87, 0.4), 0.5
 M = 2
 DT = torch.float64
@@ -76,22 +78,18 @@ def pb_run(B, solver, seed, **kw):
     return fn
 
 
-def pb_point(B, name, solver, seed, repeats, **kw):
-    fn = pb_run(B, solver, seed, **kw)
-    warmup = None
-    if kw.get("compile"):  # the first solve of a shape compiles: timed apart, as in the other benchmarks
-        start = time.perf_counter()
-        fn()
-        warmup = time.perf_counter() - start
-    wall, n, (sol, bm) = report.timed(fn, repeats, budget=BUDGET)
-    err = (sol.ys[-1] - exact(bm(0.0, 1.0))).abs().mean().item()
-    steps = int((sol.stats.naccept + sol.stats.nreject).max())
-    return dict(lib="pybridge", name=name, err=err, wall=wall, n=n, steps=steps, warmup=warmup)
+def pb_point(B, name, solver, seed, **kw):
+    """(contender, result) for the timing rounds: fn() solves, result(out) measures what it returned."""
+    def result(out):
+        sol, bm = out
+        err = (sol.ys[-1] - exact(bm(0.0, 1.0))).abs().mean().item()
+        return dict(lib="pybridge", name=name, err=err, steps=int((sol.stats.naccept + sol.stats.nreject).max()))
+    return pb_run(B, solver, seed, **kw), result
 
 
 # -- torchsde -------------------------------------------------------------------------------------
 
-def ts_point(B, name, method, seed, repeats, **kw):
+def ts_point(B, name, method, seed, **kw):
     import torchsde
 
     class GBM(torch.nn.Module):
@@ -120,9 +118,10 @@ def ts_point(B, name, method, seed, repeats, **kw):
             ys = torchsde.sdeint(sde, y0, ts, bm=bm, method=method, **kw)
         return ys, bm
 
-    wall, n, (ys, bm) = report.timed(fn, repeats, budget=BUDGET)
-    err = (ys[-1] - exact(bm(0.0, 1.0))).abs().mean().item()
-    return dict(lib="torchsde", name=name, err=err, wall=wall, n=n, steps=None)
+    def result(out):
+        ys, bm = out
+        return dict(lib="torchsde", name=name, err=(ys[-1] - exact(bm(0.0, 1.0))).abs().mean().item(), steps=None)
+    return fn, result
 
 
 # -------------------------------------------------------------------------------------------------
@@ -130,35 +129,59 @@ def ts_point(B, name, method, seed, repeats, **kw):
 def run_batch(B, args):
     ks = [3, 5, 7] if args.quick else [3, 5, 7, 9]
     tols = [1e-1, 3e-2] if args.quick else [1e-1, 3e-2, 1e-2]
-    pts = []
+    contenders = []  # (name, lib, prepare, args, kwargs)
 
-    def add(fn, *a, **kw):
-        try:
-            p = fn(*a, **kw)
-        except Exception as e:  # noqa: BLE001  a failing contender is reported, not fatal
-            p = dict(lib="?", name=f"{a[1]} FAILED: {type(e).__name__}: {str(e)[:80]}", err=None, wall=None, n=0,
-                     steps=None)
-        pts.append(p)
-        err = "—" if p["err"] is None else f"{p['err']:.3e}"
-        print(f"  B={B} {p['lib']:8s} {p['name']:28s} err {err}  wall {report.fmt_s(p['wall'])}", flush=True)
+    def add(prepare, name, *a, **kw):
+        contenders.append((name, "pybridge" if prepare is pb_point else "torchsde", prepare, a, kw))
 
     seed = args.seed
     for tol in tols:
-        add(pb_point, B, f"SOSRI adaptive tol={tol:g}", pb.SOSRI(), seed, args.repeats, rtol=tol, atol=tol)
+        add(pb_point, f"SOSRI adaptive tol={tol:g}", pb.SOSRI(), seed, rtol=tol, atol=tol)
     for k in ks:
         dt = 2.0**-k
-        add(pb_point, B, f"SRIW1 dt=2^-{k}", pb.SRIW1(), seed, args.repeats, adaptive=False, dt=dt)
-        add(pb_point, B, f"RKMil dt=2^-{k}", pb.RKMil(), seed, args.repeats, adaptive=False, dt=dt)
-        add(pb_point, B, f"EM dt=2^-{k}", pb.EM(), seed, args.repeats, adaptive=False, dt=dt)
+        add(pb_point, f"SRIW1 dt=2^-{k}", pb.SRIW1(), seed, adaptive=False, dt=dt)
+        add(pb_point, f"RKMil dt=2^-{k}", pb.RKMil(), seed, adaptive=False, dt=dt)
+        add(pb_point, f"EM dt=2^-{k}", pb.EM(), seed, adaptive=False, dt=dt)
         for solver in (pb.SRIW1(), pb.EM()):
-            add(pb_point, B, f"{solver.name} (compile=True) dt=2^-{k}", solver, seed, args.repeats, adaptive=False,
-                dt=dt, compile=True)
+            add(pb_point, f"{solver.name} (compile=True) dt=2^-{k}", solver, seed, adaptive=False, dt=dt, compile=True)
         for method in ("srk", "milstein", "euler"):
-            add(ts_point, B, f"{method} dt=2^-{k}", method, seed, args.repeats, dt=dt)
+            add(ts_point, f"{method} dt=2^-{k}", method, seed, dt=dt)
     for tol in tols:
         for method in ("srk", "milstein"):
-            add(ts_point, B, f"{method} adaptive tol={tol:g}", method, seed, args.repeats, adaptive=True,
-                rtol=tol, atol=tol, dt=2.0**-4)
+            add(ts_point, f"{method} adaptive tol={tol:g}", method, seed, adaptive=True, rtol=tol, atol=tol, dt=2.0**-4)
+
+    # Each contender solves once untimed (compile=True compiles there), then all are timed in
+    # interleaved rounds, so that a slower spell of a shared machine falls on both libraries.
+    ready, pts = [], []
+    for name, lib, prepare, a, kw in contenders:
+        try:
+            fn, result = prepare(B, name, *a, **kw)
+            start = time.perf_counter()
+            p = result(fn())
+            p.update(wall=None, n=0, times=[], first=time.perf_counter() - start,
+                     warmup=time.perf_counter() - start if kw.get("compile") else None)
+            ready.append((fn, p))
+        except Exception as e:  # noqa: BLE001  a failing contender is reported, not fatal
+            p = dict(lib=lib, name=f"{name} FAILED: {type(e).__name__}: {str(e)[:80]}", err=None, wall=None, n=0,
+                     steps=None)
+        pts.append(p)
+    for r in range(args.rounds):
+        for fn, p in ready:
+            if r and p["first"] > SLOW:  # a solve of seconds: one run (in the first round) is enough
+                continue
+            spent = 0.0
+            while not spent or spent < BUDGET / args.rounds and len(p["times"]) < MAX_RUNS:
+                start = time.perf_counter()
+                fn()
+                p["times"].append(time.perf_counter() - start)
+                spent += p["times"][-1]
+                if p["first"] > SLOW:
+                    break
+    for p in pts:
+        if p.get("times"):
+            p["wall"], p["n"] = statistics.median(p["times"]), len(p["times"])
+        err = "—" if p["err"] is None else f"{p['err']:.3e}"
+        print(f"  B={B} {p['lib']:8s} {p['name']:28s} err {err}  wall {report.fmt_s(p['wall'])}", flush=True)
     return pts
 
 
@@ -199,10 +222,12 @@ def render(results, args):
              + (f" Note: {args.load_note}" if args.load_note else ""), "",
              "GBM, diagonal noise (m = 2), t ∈ [0, 1], float64, one thread; strong error = mean |y(1) − exact| "
              "on each library's own Brownian path (see benchmarks/sde.py). Wall = median over the runs "
-             f"(at least {args.repeats}; short solves repeated until their runs add up to {BUDGET:g} s, at most 100; "
-             "column 'runs'), including building the Brownian path object. Contenders with compile=True compile at their "
-             "first solve of each batch size; that solve is run untimed beforehand (the slowest such warm-up "
-             "is given under each table).", ""]
+             f"(column 'runs'), including building the Brownian path object. Every contender solves once untimed "
+             f"(contenders with compile=True compile there; the slowest such warm-up is given under each table), "
+             f"then all are timed in {args.rounds} interleaved rounds, so that slower spells of a shared machine "
+             f"fall on both libraries: per round each contender runs until its runs add up to "
+             f"{BUDGET / max(args.rounds, 1):.3g} s (at least once, at most {MAX_RUNS} runs in all); one taking over "
+             f"{SLOW:g} s runs once.", ""]
     for B, pts in results.items():
         lines += [f"### batch {B}", "", "| library | contender | strong error | wall | runs | max steps |", "|---|---|---|---|---:|---|"]
         for p in pts:
@@ -236,7 +261,7 @@ def main(argv=None):
     global BUDGET
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: batch 64, fewer settings, 1 repeat")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds over the contenders")
     ap.add_argument("--budget", type=float, default=BUDGET, help="seconds of repeated runs per short solve")
     ap.add_argument("--batches", default="64,1024")
     ap.add_argument("--seed", type=int, default=0)
@@ -245,7 +270,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.quick:
-        args.repeats, args.budget, batches = 1, 0.0, [64]
+        args.rounds, args.budget, batches = 1, 0.0, [64]
     else:
         batches = [int(b) for b in args.batches.split(",") if b]
     BUDGET = args.budget

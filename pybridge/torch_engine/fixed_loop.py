@@ -266,16 +266,18 @@ class _NoiseChunks:
         """The extra arguments of step i's method.step: ((ΔW, H),), or () (none)."""
         if not self.active:
             return ()
-        if self.W is None or i >= self.first + self.W.shape[0]:
+        if self.W is None or i >= self.first + len(self.W):
             self.first = i
             sl = slice(i, i + self.chunk)
-            self.W, self.H = self.method.bm.grid_intervals(self.starts[sl], self.ends[sl], area=self.method.needs_area)
+            W, H = self.method.bm.grid_intervals(self.starts[sl], self.ends[sl], area=self.method.needs_area)
+            # Shaped for the step once per chunk, then one view per step.
+            like = self.starts[i]
+            self.W = self.method._shape(W, like, W.shape[0]).unbind(0)
+            self.H = None if H is None else self.method._shape(H, like, H.shape[0]).unbind(0)
         j = i - self.first
-        like = self.starts[i]
-        dW = self.method._shape(self.W[j], like)
-        H = None if self.H is None else self.method._shape(self.H[j], like)
+        dW, H = self.W[j], None if self.H is None else self.H[j]
         if self.mask_stopped:  # a stopped sample steps with h = 0, hence with no noise either
-            zero = constant(0.0, like)
+            zero = constant(0.0, dW)
             dW = torch.where(alive[:, None], dW, zero)
             H = None if H is None else torch.where(alive[:, None], H, zero)
         return ((dW, H),)

@@ -187,8 +187,9 @@ class SDEMethod:
             return self._shape(dW, h), self._shape(H, h)
         return self._shape(self.bm(s, t), h), None
 
-    def _shape(self, x, h):
-        return x.reshape(self.B, self.m).to(dtype=h.dtype, device=h.device)
+    def _shape(self, x, h, *lead):
+        """x as (*lead, B, m) in h's dtype and device."""
+        return x.reshape(*lead, self.B, self.m).to(dtype=h.dtype, device=h.device)
 
     @staticmethod
     def safe_h(h):
