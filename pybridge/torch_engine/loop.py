@@ -100,9 +100,11 @@ class Advance:
         self.tau_end = tau_save[:, -1]
         eps = torch.finfo(tau_save.dtype).eps
         self.end_slack = 100 * eps * torch.clamp(self.tau_end.abs(), min=1.0)
-        self.slack_factor, self.dtmin_factor = constant(100 * eps, tau_save), constant(10 * eps, tau_save)
-        self.zero, self.inf, self.one = (constant(v, tau_save) for v in (0.0, math.inf, 1.0))
-        self.nan = torch.tensor(math.nan, dtype=tau_save.dtype, device=tau_save.device)  # (NaN misses the cache)
+        # Shape (1,), not 0-d: compiled, a 0-d float attribute costs a host read per call (a not-NaN guard).
+        real = lambda v: constant(v, tau_save).reshape(1)  # noqa: E731
+        self.slack_factor, self.dtmin_factor = real(100 * eps), real(10 * eps)
+        self.zero, self.inf, self.one = real(0.0), real(math.inf), real(1.0)
+        self.nan = torch.tensor([math.nan], dtype=tau_save.dtype, device=tau_save.device)  # (NaN misses the cache)
         # Return codes as cached 0-d tensors (a Python number in torch.where costs a conversion per call).
         code_like = torch.zeros((), dtype=torch.long, device=tau_save.device)
         self.code = {rc: constant(int(rc), code_like) for rc in ReturnCode}
@@ -245,7 +247,7 @@ def tolerance_inputs(atol, rtol, dtype, device):
     """Tolerances as inputs of a compiled graph, not constants of it (no recompilation per rtol), and
     at least 1-d: a 0-d tensor gets a guard that reads it on the host at every call (not NaN)."""
     def as_input(x):
-        x = x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=dtype, device=device)
+        x = torch.as_tensor(x, dtype=dtype, device=device)
         return x.reshape(1) if x.dim() == 0 else x
     return as_input(atol), as_input(rtol)
 
