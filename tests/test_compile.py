@@ -146,3 +146,29 @@ def test_compiled_sde_matches_eager(solver, kw):
         assert int(eager.stats.nreject.sum()) > 0  # the rejected-step path was exercised
     torch.testing.assert_close(compiled.ys, eager.ys, **tol)
     torch.testing.assert_close(g_compiled, g_eager, rtol=100 * tol["rtol"], atol=100 * tol["atol"])
+
+
+ODE = lambda y0, t: pb.ODEProblem(FIELD, y0, t)  # noqa: E731
+SDE = lambda y0, t: pb.SDEProblem(FIELD, lambda t, y: 0.3 * y, y0, t)  # noqa: E731
+
+
+@pytest.mark.parametrize("make, kw, warm_counts", [
+    (ODE, dict(solver=pb.Tsit5()), (2,)),                                      # general loop
+    # The fixed-step loop compiles twice: steps that return their stages (to interpolate save
+    # points), and steps that need not (save times (t0, t1) only).
+    (ODE, dict(solver=pb.RK4(), adaptive=False, dt=0.1), (2, 3)),
+    (SDE, dict(solver=pb.SRIW1(), adaptive=False, dt=2.0**-4), (2, 3)),
+])
+def test_later_compiled_solves_reuse_the_graph(make, kw, warm_counts):
+    """A compiled iteration is compiled once per problem shape and solver: a later solve with other
+    values, other tolerances, a new problem object and another number of save times runs the same
+    graph (fail_on_recompile raises if any of these recompiled)."""
+    kw = dict(kw)
+    solver = kw.pop("solver")
+    times = lambda n: torch.linspace(0.0, 1.0, n, dtype=torch.float64)  # noqa: E731
+    for n in warm_counts:
+        pb.solve(make(Y0, times(n)), solver, rtol=1e-6, atol=1e-8, compile=True, **kw)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for n in (2, 5):
+            sol = pb.solve(make(Y0 + 0.1, times(n)), solver, rtol=1e-5, atol=1e-7, compile=True, **kw)
+            assert sol.success

@@ -97,7 +97,8 @@ class Advance:
         self.rhs, self.method, self.norm, self.controller, self.opts = rhs, method, norm, controller, opts
         self.guard_blowups = guard_blowups
         self.atol, self.rtol, self.tau_save, self.dtmax = atol, rtol, tau_save, dtmax
-        self.tau_end = tau_save[:, -1]
+        # Contiguous: a view of tau_save has stride T, which a compiled iteration would guard on.
+        self.tau_end = tau_save[:, -1].contiguous()
         eps = torch.finfo(tau_save.dtype).eps
         self.end_slack = 100 * eps * torch.clamp(self.tau_end.abs(), min=1.0)
         # Shape (1,), not 0-d: compiled, a 0-d float attribute costs a host read per call (a not-NaN guard).
@@ -115,9 +116,9 @@ class Advance:
 
     def aim(self, tau, dt, active, next_save):
         """(target, hit, h): the time each sample aims at, whether this step lands on it, the step."""
-        T = self.tau_save.shape[1]
         # Steps never pass the end, nor, for methods without a good interpolant, the next save point.
         if self.opts.stop_at_saves:
+            T = self.tau_save.shape[1]  # (only here: the save times are otherwise not in the graph)
             target = torch.gather(self.tau_save, 1, next_save.clamp(max=T - 1)[:, None])[:, 0]
             # The slack is relative to the target being aimed at (a save point far below t_end must
             # not inherit t_end's slack, or a retry towards it could never shrink).
