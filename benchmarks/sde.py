@@ -170,7 +170,7 @@ def run_batch(B, args):
             if r and p["first"] > SLOW:  # a solve of seconds: one run (in the first round) is enough
                 continue
             spent = 0.0
-            while not spent or spent < BUDGET / args.rounds and len(p["times"]) < MAX_RUNS:
+            while not spent or spent < args.budget / args.rounds and len(p["times"]) < MAX_RUNS:
                 start = time.perf_counter()
                 fn()
                 p["times"].append(time.perf_counter() - start)
@@ -226,7 +226,7 @@ def render(results, args):
              f"(contenders with compile=True compile there; the slowest such warm-up is given under each table), "
              f"then all are timed in {args.rounds} interleaved rounds, so that slower spells of a shared machine "
              f"fall on both libraries: per round each contender runs until its runs add up to "
-             f"{BUDGET / max(args.rounds, 1):.3g} s (at least once, at most {MAX_RUNS} runs in all); one taking over "
+             f"{args.budget / max(args.rounds, 1):.3g} s (at least once, at most {MAX_RUNS} runs in all); one taking over "
              f"{SLOW:g} s runs once.", ""]
     for B, pts in results.items():
         lines += [f"### batch {B}", "", "| library | contender | strong error | wall | runs | max steps |", "|---|---|---|---|---:|---|"]
@@ -258,7 +258,6 @@ def render(results, args):
 
 
 def main(argv=None):
-    global BUDGET
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: batch 64, fewer settings, 1 repeat")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds over the contenders")
@@ -273,7 +272,6 @@ def main(argv=None):
         args.rounds, args.budget, batches = 1, 0.0, [64]
     else:
         batches = [int(b) for b in args.batches.split(",") if b]
-    BUDGET = args.budget
     results = {B: run_batch(B, args) for B in batches}
     text = render(results, args)
     print(text)
