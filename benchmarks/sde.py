@@ -158,16 +158,18 @@ def run_batch(B, args):
             fn, result = prepare(B, name, *a, **kw)
             start = time.perf_counter()
             p = result(fn())
-            p.update(wall=None, n=0, times=[], first=time.perf_counter() - start,
-                     warmup=time.perf_counter() - start if kw.get("compile") else None)
+            p.update(wall=None, n=0, times=[], warmup=time.perf_counter() - start if kw.get("compile") else None)
             ready.append((fn, p))
         except Exception as e:  # noqa: BLE001  a failing contender is reported, not fatal
             p = dict(lib=lib, name=f"{name} FAILED: {type(e).__name__}: {str(e)[:80]}", err=None, wall=None, n=0,
                      steps=None)
         pts.append(p)
+    # A solve of seconds runs once (in the first round). Slowness is judged on the first timed run,
+    # not on the warm-up: a compile=True warm-up takes seconds of compilation for a solve of ms.
+    slow = lambda p: p["times"][0] > SLOW
     for r in range(args.rounds):
         for fn, p in ready:
-            if r and p["first"] > SLOW:  # a solve of seconds: one run (in the first round) is enough
+            if r and slow(p):
                 continue
             spent = 0.0
             while not spent or spent < args.budget / args.rounds and len(p["times"]) < MAX_RUNS:
@@ -175,7 +177,7 @@ def run_batch(B, args):
                 fn()
                 p["times"].append(time.perf_counter() - start)
                 spent += p["times"][-1]
-                if p["first"] > SLOW:
+                if slow(p):
                     break
     for p in pts:
         if p.get("times"):
