@@ -1,7 +1,7 @@
 """One generic routine for every ESDIRK tableau (batched, per-sample Newton and linear algebra).
 
 Per step and sample: J = ∂f/∂y at (t0, y0) by AD (jacobian.py; or the user's ``jac``), one LU of
-``W = I − γhJ`` (``torch.linalg.lu_factor_ex``), then for each implicit stage a simplified Newton
+``W = I − γhJ`` (linear_solve.py), then for each implicit stage a simplified Newton
 iteration on ``G(z) = z − h f(t + c_i h, tmp_i + γ z) = 0`` with that W (Hairer & Wanner, Solving
 ODEs II, §IV.8): stop when ``η·‖Δz‖ ≤ κ`` (κ = 1/100, ‖·‖ the RMS scaled by atol + rtol·|y|, so the
 tolerance is inside the norm), η = θ/(1−θ) with θ the contraction rate; divergence when θ > 2; at
@@ -33,6 +33,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from . import linear_solve
 from .esdirk_tableaus import ESDIRKTableau
 from .explicit_rk import hermite
 from .jacobian import AutodiffJacobian
@@ -140,11 +141,8 @@ class ESDIRK:
             Jstar = self.jacobian(rhs, ti.detach(), Y.detach())[0]
             eye = torch.eye(n, dtype=zstar.dtype, device=zstar.device)
             M = eye - (self.gamma * h.detach())[:, None, None] * Jstar
-            LU, piv, info = torch.linalg.lu_factor_ex(M)
-            ok = info == 0
-            LU = torch.where(ok[:, None, None], LU, eye)
-            piv = torch.where(ok[:, None], piv, torch.arange(1, n + 1, dtype=piv.dtype, device=piv.device))
-        g = -torch.linalg.lu_solve(LU, piv, G[..., None])[..., 0]
+            lu = linear_solve.factor(M)
+        g = -lu.solve(G)
         return zstar + (g - g.detach())
 
     # -- the step ------------------------------------------------------------------------------
@@ -155,13 +153,9 @@ class ESDIRK:
         J = self.jacobian(rhs, t, y)[0]
         eye = torch.eye(n, dtype=y.dtype, device=device)
         W = eye - (self.gamma * h)[:, None, None] * J
-        LU, piv, info = torch.linalg.lu_factor_ex(W)
-        singular = info != 0
-        # A singular sample solves with the identity so that nothing becomes non-finite.
-        LU = torch.where(singular[:, None, None], eye, LU)
-        piv = torch.where(singular[:, None], torch.arange(1, n + 1, dtype=piv.dtype, device=device), piv)
-        LUd = LU.detach()
-        solve_d = lambda r: torch.linalg.lu_solve(LUd, piv, r[..., None])[..., 0]
+        lu = linear_solve.factor(W)     # a singular sample solves with the identity
+        singular = ~lu.ok
+        solve_d = lu.detach().solve
 
         need_grad = torch.is_grad_enabled() and any(
             x.requires_grad for x in (t, y, h, k1))
@@ -191,7 +185,7 @@ class ESDIRK:
             zs.append(zi)
         Z = torch.stack(zs, -1)                                       # (B, n, s)
         y1 = tmp + self.gamma * zs[-1]
-        err = torch.linalg.lu_solve(LU, piv, (Z @ self.btilde)[..., None])[..., 0]
+        err = lu.solve(Z @ self.btilde)
 
         if self.lockstep:   # one step size for the batch: a failure anywhere fails everyone
             failed = failed.any().expand(B) & ~inactive

@@ -364,7 +364,7 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
         actives.append(active)
         step_nfes.append(step.nfe)
         for key, count in (getattr(step, "stats", None) or {}).items():
-            counters[key] = counters.get(key, 0) + active * count
+            counters.setdefault(key, []).append((len(actives) - 1, count))
         if it.extra_eval is not None:
             extra_evals.append(it.extra_eval)
         f_end = it.f_end
@@ -435,11 +435,10 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
     active_steps = torch.stack(actives)                         # (N, B)
     iters = active_steps.sum(0)
     naccept = torch.stack(trace["accept"]).sum(0)
-    if all(isinstance(c, int) for c in step_nfes) and len(set(step_nfes)) == 1:
-        nfe = nfe + step_nfes[0] * iters
-    else:
-        per_step = torch.stack([torch.as_tensor(c, device=device).expand(B) for c in step_nfes])
-        nfe = nfe + (active_steps * per_step).sum(0)
+    nfe = nfe + _count_while_active(active_steps, iters, step_nfes)
+    # Stats a method counts per step (njac, nlu, nsolve, Newton iterations) while the sample is active.
+    counters = {key: _count_while_active(active_steps[[i for i, _ in c]], None, [x for _, x in c])
+                for key, c in counters.items()}
     if extra_evals:
         nfe = nfe + torch.stack(extra_evals).sum(0)
 
@@ -457,6 +456,16 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
                       trace=_compact(trace, "accept"),
                       dense=_compact(dense, None, trace["accept"]) if dense else None, tau=tau, dt=dt,
                       probe=(probe_tau, probe_y) if opts.probe is not None else None)
+
+
+def _count_while_active(active_steps, iters, counts):
+    """Σ over iterations of counts[i] (an int, or per sample) where the sample was active (N, B).
+    One count for every iteration is that count times iters (when given)."""
+    if iters is not None and all(isinstance(c, int) for c in counts) and len(set(counts)) == 1:
+        return counts[0] * iters
+    B = active_steps.shape[1]
+    per_step = torch.stack([torch.as_tensor(c, device=active_steps.device).expand(B) for c in counts])
+    return (active_steps * per_step).sum(0)
 
 
 # Steps whose save points are interpolated together; bounds the memory the buffer holds on top of

@@ -1,7 +1,7 @@
 """One generic routine for every Rosenbrock tableau (batched, per-sample linear algebra).
 
 Per step and sample: the Jacobian J = ∂f/∂y and T = ∂f/∂t at (t0, y0) by AD (jacobian.py; or the
-user's ``jac``), one LU of ``M = I − γhJ`` (``torch.linalg.lu_factor_ex``), then one triangular
+user's ``jac``), one LU of ``M = I − γhJ`` (linear_solve.py), then one triangular
 solve per stage. No iteration and no host synchronisation: a singular M (``info != 0``) turns that
 sample's proposal into NaN, which the loop treats as a rejection (dt shrinks, so M → I).
 """
@@ -11,6 +11,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from . import linear_solve
 from .jacobian import AutodiffJacobian
 from .rosenbrock_tableaus import RosenbrockTableau
 
@@ -57,13 +58,10 @@ class Rosenbrock:
         hcol = h[:, None]
         eye = torch.eye(n, dtype=y.dtype, device=y.device)
         M = eye - (self.gamma * h)[:, None, None] * J
-        LU, piv, info = torch.linalg.lu_factor_ex(M)
-        ok = info == 0
-        # A singular sample solves with the identity instead, so that nothing in the graph
-        # (forward or backward) becomes non-finite; its proposal is replaced by NaN below.
-        LU = torch.where(ok[:, None, None], LU, eye)
-        piv = torch.where(ok[:, None], piv, torch.arange(1, n + 1, dtype=piv.dtype, device=piv.device))
-        solve = lambda r: self.gamma * torch.linalg.lu_solve(LU, piv, r[..., None])[..., 0]
+        # A singular sample solves with the identity; its proposal is replaced by NaN below.
+        lu = linear_solve.factor(M)
+        ok = lu.ok
+        solve = lambda r: self.gamma * lu.solve(r)
 
         h2T = (h * h)[:, None] * dT
         Us, f_last, u_last = [], k1, y
