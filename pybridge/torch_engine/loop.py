@@ -435,9 +435,9 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
     active_steps = torch.stack(actives)                         # (N, B)
     iters = active_steps.sum(0)
     naccept = torch.stack(trace["accept"]).sum(0)
-    nfe = nfe + _count_while_active(active_steps, iters, step_nfes)
+    nfe = nfe + _count_while_active(active_steps, step_nfes)
     # Stats a method counts per step (njac, nlu, nsolve, Newton iterations) while the sample is active.
-    counters = {key: _count_while_active(active_steps[[i for i, _ in c]], None, [x for _, x in c])
+    counters = {key: _count_while_active(active_steps[[i for i, _ in c]], [x for _, x in c])
                 for key, c in counters.items()}
     if extra_evals:
         nfe = nfe + torch.stack(extra_evals).sum(0)
@@ -458,11 +458,12 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
                       probe=(probe_tau, probe_y) if opts.probe is not None else None)
 
 
-def _count_while_active(active_steps, iters, counts):
-    """Σ over iterations of counts[i] (an int, or per sample) where the sample was active (N, B).
-    One count for every iteration is that count times iters (when given)."""
-    if iters is not None and all(isinstance(c, int) for c in counts) and len(set(counts)) == 1:
-        return counts[0] * iters
+def _count_while_active(active_steps, counts):
+    """Σ over iterations of counts[i] (an int, or per sample) where the sample was active (N, B)."""
+    if all(isinstance(c, int) for c in counts):
+        if len(set(counts)) == 1:
+            return counts[0] * active_steps.sum(0)
+        return (active_steps * torch.tensor(counts, device=active_steps.device)[:, None]).sum(0)
     B = active_steps.shape[1]
     per_step = torch.stack([torch.as_tensor(c, device=active_steps.device).expand(B) for c in counts])
     return (active_steps * per_step).sum(0)
