@@ -53,3 +53,11 @@ def test_singular_sample_keeps_gradients_finite():
 def test_factor_uses_lapack_outside_compiled_graphs():
     assert isinstance(linear_solve.factor(batch(2)), linear_solve.LapackLU)
     assert isinstance(linear_solve.factor(batch(linear_solve.UNROLLED_MAX_N + 1)), linear_solve.LapackLU)
+
+
+def test_factor_unrolls_inside_compiled_graphs():
+    def kind(M):
+        return isinstance(linear_solve.factor(M), linear_solve.UnrolledLU)
+    compiled = torch.compile(kind, backend="eager", fullgraph=True)
+    assert compiled(batch(linear_solve.UNROLLED_MAX_N))
+    assert not compiled(batch(linear_solve.UNROLLED_MAX_N + 1))
