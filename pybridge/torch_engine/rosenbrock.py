@@ -2,7 +2,7 @@
 
 Per step and sample: the Jacobian J = ∂f/∂y and T = ∂f/∂t at (t0, y0) by AD (jacobian.py; or the
 user's ``jac``), one LU of ``M = I − γhJ`` (linear_solve.py), then one triangular
-solve per stage. No iteration and no host synchronisation: a singular M (``info != 0``) turns that
+solve per stage. No iteration and no host synchronisation: a singular M (a zero pivot) turns that
 sample's proposal into NaN, which the loop treats as a rejection (dt shrinks, so M → I).
 """
 from __future__ import annotations
