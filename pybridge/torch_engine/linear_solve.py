@@ -22,7 +22,9 @@ from typing import List, NamedTuple
 import torch
 
 # Above this size the unrolled code (~n³ pointwise operations) compiles slowly and no longer beats
-# LAPACK's batched calls.
+# LAPACK's calls. Compiled Rodas5P steps, one sample of a stiff nonlinear system (2026-12-03):
+# n = 4: 260 µs unrolled against 520 µs with LAPACK; n = 6: even; n = 8: 385 against 312 µs, with
+# four times the compilation time.
 UNROLLED_MAX_N = 4
 
 
