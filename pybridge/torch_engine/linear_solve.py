@@ -4,7 +4,8 @@ A sample whose matrix is singular is factored as the identity instead (its ``ok`
 that nothing in the graph, forward or backward, becomes non-finite; the method turns that sample's
 proposal into NaN and the loop rejects it.
 
-Two implementations of one contract, ``factor(M) -> LUFactors`` with ``.solve(r)`` and ``.ok``:
+Two implementations of one contract: ``factor(M)`` returns factors with ``.solve(r)``, ``.ok`` and
+``.detach()``:
 
 - LAPACK (``torch.linalg.lu_factor_ex`` / ``lu_solve``): every size, eager or compiled.
 - Unrolled Gaussian elimination with partial pivoting, on one (B,) tensor per matrix entry. Used
