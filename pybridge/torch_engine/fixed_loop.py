@@ -30,7 +30,7 @@ from ..solution import ReturnCode
 from .brownian import VirtualBrownianTree
 from .controller import Norm, constant, error_norm, rows_finite
 from .loop import (SAVE_BUFFER_ELEMENTS, LoopResult, _assemble_saves, _flush_saves, _flush_stiffness, compiled,
-                   end_saves, tolerance_inputs)
+                   end_saves, saves_end_only, tolerance_inputs)
 
 HOST_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 # Brownian increments fetched per batched tree query (elements: steps × samples × dimensions).
@@ -149,7 +149,7 @@ def integrate_fixed(rhs, method, tau_save, y0, atol, rtol, opts, grid: StepGrid,
     noise = _NoiseChunks(method, starts, sizes, B, guard)
     if opts.compile:
         atol, rtol = tolerance_inputs(atol, rtol, dtype, device)
-    end_only = not opts.stop_at_saves and tau_save.shape[1] == 2   # as in loop.py
+    end_only = saves_end_only(opts, tau_save.shape[1])
     advance = FixedStep(rhs, method, norm, atol, rtol, guard, keep_stages=not (opts.stop_at_saves or end_only))
     if opts.compile:
         advance = compiled(advance, device)

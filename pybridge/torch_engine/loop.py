@@ -294,9 +294,7 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
 
     saved_vals, saved_idx = [], []
     defer_saves = not opts.stop_at_saves   # stop_at_saves needs next_save every step
-    # Saved at the start and the end only: the end's value is the last state of the samples that got
-    # there (no buffering and interpolation of every step's stages).
-    end_only = defer_saves and T == 2
+    end_only = saves_end_only(opts, T)
     stiff_pending = []
     pending, pending_size = [], 0
     trace = {k: [] for k in ("t", "dt", "eest", "stiffness", "accept")}
@@ -547,6 +545,13 @@ def _assemble_saves(y0, vals, idx, T):
         I = torch.cat(idx, 1)
         out = out.scatter(1, I[..., None].expand(-1, -1, n), V)
     return out[:, :T].transpose(0, 1)
+
+
+def saves_end_only(opts, T):
+    """Whether the save times are the start and the end only, with steps not aimed at them: then the
+    end's value is the last state of the samples that got there (no buffering and interpolation of
+    every step's stages)."""
+    return not opts.stop_at_saves and T == 2
 
 
 def end_saves(y0, y_end, reached):
