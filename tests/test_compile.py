@@ -4,6 +4,8 @@ families refuse it with a clear error.
 
 Each compilation takes seconds, so the tests share one problem (Dynamo reuses a compiled graph
 when the module, shapes and options match)."""
+import math
+
 import pytest
 import torch
 
@@ -171,3 +173,52 @@ def test_later_compiled_solves_reuse_the_graph(make, kw, warm_counts):
         for n in (2, 5):
             sol = pb.solve(make(Y0 + 0.1, times(n)), solver, rtol=1e-5, atol=1e-7, compile=True, **kw)
             assert sol.success
+
+
+# Module globals that a vector field reads: a notebook may reassign them between solves.
+RATE = -1.0
+LINEAR = torch.nn.Linear(2, 2, bias=False).double()
+
+
+def _field_of_globals(t, y):
+    return RATE * y + LINEAR(y)
+
+
+def test_compiled_solve_sees_reassigned_user_globals():
+    """A compiled iteration skips the guards on torch's and pybridge's own globals (loop.py,
+    _library_guards_dropped) but keeps those on the user's: a reassigned constant or network is
+    used, not the one the graph was compiled with."""
+    global RATE, LINEAR
+    saved = RATE, LINEAR
+    y0 = torch.ones(3, 2, dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    try:
+        for rate, scale in ((-1.0, 0.0), (-2.0, 0.0), (-2.0, 0.5)):
+            RATE = rate
+            LINEAR = torch.nn.Linear(2, 2, bias=False).double()
+            with torch.no_grad():
+                LINEAR.weight.copy_(scale * torch.eye(2))
+                sol = pb.solve(pb.ODEProblem(_field_of_globals, y0, t), pb.Tsit5(), rtol=1e-9, atol=1e-12,
+                               compile=True)
+            torch.testing.assert_close(sol.ys[-1], y0 * math.exp(rate + scale), rtol=1e-6, atol=0.0)
+    finally:
+        RATE, LINEAR = saved
+
+
+def test_guard_filter_drops_only_library_globals():
+    from types import SimpleNamespace as G
+
+    from pybridge.torch_engine.loop import _library_guards_dropped
+    entries = [G(is_global=True, guard_type="MODULE_MATCH", name="G['torch']"),
+               G(is_global=True, guard_type="BUILTIN_MATCH", name="G['torch'].where"),
+               G(is_global=True, guard_type="CLOSURE_MATCH", name="G['__import_pybridge_dot_torch_engine_dot_controller'].x"),
+               G(is_global=True, guard_type="BUILTIN_MATCH", name="G['__builtins_dict___0']['len']"),
+               G(is_global=True, guard_type="CONSTANT_MATCH", name="G['RUNNING']"),          # loop.py's own
+               G(is_global=True, guard_type="CLOSURE_MATCH", name="dict(G['Iteration'].__dict__)['__new__']"),
+               G(is_global=True, guard_type="CONSTANT_MATCH", name="G['__import___main__'].SCALE"),
+               G(is_global=True, guard_type="TENSOR_MATCH", name="G['__import_mylab_dot_models'].net._parameters['w']"),
+               G(is_global=True, guard_type="CONSTANT_MATCH", name="G['SOMETHING_ELSE']"),  # not loop.py's
+               G(is_global=True, guard_type="DUPLICATE_INPUT", name="G['torch']"),
+               G(is_global=False, guard_type="TENSOR_MATCH", name="L['args'][0]"),
+               G(is_global=False, guard_type="GLOBAL_STATE", name="")]
+    assert _library_guards_dropped(entries) == [False] * 6 + [True] * 6
