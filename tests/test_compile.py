@@ -218,7 +218,9 @@ def test_guard_filter_drops_only_library_globals():
                G(is_global=True, guard_type="CONSTANT_MATCH", name="G['__import___main__'].SCALE"),
                G(is_global=True, guard_type="TENSOR_MATCH", name="G['__import_mylab_dot_models'].net._parameters['w']"),
                G(is_global=True, guard_type="CONSTANT_MATCH", name="G['SOMETHING_ELSE']"),  # not loop.py's
+               G(is_global=True, guard_type="CONSTANT_MATCH", name="G['__import_torch_models'].SCALE"),
+               G(is_global=True, guard_type="ID_MATCH", name="G['__import_pybridge_runs_dot_setup'].net"),
                G(is_global=True, guard_type="DUPLICATE_INPUT", name="G['torch']"),
                G(is_global=False, guard_type="TENSOR_MATCH", name="L['args'][0]"),
                G(is_global=False, guard_type="GLOBAL_STATE", name="")]
-    assert _library_guards_dropped(entries) == [False] * 6 + [True] * 6
+    assert _library_guards_dropped(entries) == [False] * 6 + [True] * 8

@@ -232,8 +232,9 @@ def _call(step, *args):
 
 # Globals that only torch, Python and pybridge itself provide: module objects, their functions and
 # constants. The compiled iteration's root frame is this module, so its own globals appear as G['name'].
-_LIBRARY_GLOBAL = re.compile(r"^(dict\()?G\['(torch'\]|__import_torch|__import_pybridge|__builtins_dict|"
-                             r"__import_functools'\]|__import_math'\]|___unnamed_scope_)")
+# (A module of the user's named, say, torch_models or pybridge_runs is not one of them.)
+_LIBRARY_GLOBAL = re.compile(r"^(dict\()?G\['(torch'\]|__import_torch('\]|_dot_)|__import_pybridge('\]|_dot_)|"
+                             r"__builtins_dict|__import_functools'\]|__import_math'\]|___unnamed_scope_)")
 _OWN_GLOBAL = re.compile(r"^(dict\()?G\['([A-Za-z_]\w*)'\]")
 
 
