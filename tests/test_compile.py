@@ -210,6 +210,7 @@ def test_guard_filter_drops_only_library_globals():
 
     from pybridge.torch_engine.loop import _library_guards_dropped
     entries = [G(is_global=True, guard_type="MODULE_MATCH", name="G['torch']"),
+               G(is_global=True, guard_type="ID_MATCH", name="G['___unnamed_scope_1402_c0']['_tuple_new']"),
                G(is_global=True, guard_type="BUILTIN_MATCH", name="G['torch'].where"),
                G(is_global=True, guard_type="CLOSURE_MATCH", name="G['__import_pybridge_dot_torch_engine_dot_controller'].x"),
                G(is_global=True, guard_type="BUILTIN_MATCH", name="G['__builtins_dict___0']['len']"),
@@ -220,7 +221,8 @@ def test_guard_filter_drops_only_library_globals():
                G(is_global=True, guard_type="CONSTANT_MATCH", name="G['SOMETHING_ELSE']"),  # not loop.py's
                G(is_global=True, guard_type="CONSTANT_MATCH", name="G['__import_torch_models'].SCALE"),
                G(is_global=True, guard_type="ID_MATCH", name="G['__import_pybridge_runs_dot_setup'].net"),
+               G(is_global=True, guard_type="CONSTANT_MATCH", name="G['___unnamed_scope_1402_c0']['SCALE']"),
                G(is_global=True, guard_type="DUPLICATE_INPUT", name="G['torch']"),
                G(is_global=False, guard_type="TENSOR_MATCH", name="L['args'][0]"),
                G(is_global=False, guard_type="GLOBAL_STATE", name="")]
-    assert _library_guards_dropped(entries) == [False] * 6 + [True] * 8
+    assert _library_guards_dropped(entries) == [False] * 7 + [True] * 9

@@ -232,9 +232,11 @@ def _call(step, *args):
 
 # Globals that only torch, Python and pybridge itself provide: module objects, their functions and
 # constants. The compiled iteration's root frame is this module, so its own globals appear as G['name'].
-# (A module of the user's named, say, torch_models or pybridge_runs is not one of them.)
+# (A module of the user's named, say, torch_models or pybridge_runs is not one of them; of the
+# namespaces of functions made by exec, only NamedTuple's tuple.__new__ is.)
 _LIBRARY_GLOBAL = re.compile(r"^(dict\()?G\['(torch'\]|__import_torch('\]|_dot_)|__import_pybridge('\]|_dot_)|"
-                             r"__builtins_dict|__import_functools'\]|__import_math'\]|___unnamed_scope_)")
+                             r"__builtins_dict|__import_functools'\]|__import_math'\]|"
+                             r"___unnamed_scope_\w+'\]\['_tuple_new'\])")
 _OWN_GLOBAL = re.compile(r"^(dict\()?G\['([A-Za-z_]\w*)'\]")
 
 
