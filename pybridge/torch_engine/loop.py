@@ -246,11 +246,13 @@ def _library_guards_dropped(entries):
     Torch checks a compiled iteration's guards before each call. Dropped: identity checks of torch's,
     Python's and pybridge's own globals (modules, functions, constants), which nothing changes while
     a program runs; with an AD Jacobian (torch.func) they include a guard function run in Python.
-    Compiled Rodas5P on VDPOL-mu (n = 2; 2026-12-03): dynamo's cache lookup ~60-85 -> ~15-26 µs per
-    step, the whole step ~340-480 -> ~150-230 µs. Kept: everything about the inputs (tensor shapes, dtypes, strides, aliasing), the step
-    object and the user's f (its attributes, and the globals of the user's own modules, such as a
-    network or a constant that a notebook reassigns), and the global state (grad mode, functorch and
-    forward-AD levels)."""
+    Kept: everything about the inputs (tensor shapes, dtypes, strides, aliasing), the step object
+    and the user's f (its attributes, and the globals of the user's own modules, such as a network
+    or a constant that a notebook reassigns), and the global state (grad mode, functorch and
+    forward-AD levels). torch's skip_guard_on_globals_unsafe would drop the user's globals too.
+
+    Compiled Rodas5P on VDPOL-mu (n = 2, AD Jacobian; 2026-12-03): dynamo's cache lookup ~60-85 ->
+    ~15-35 µs per step, and the whole step ~340-480 -> ~150-230 µs (with Iteration.flags)."""
     own = globals()
 
     def library(e):
@@ -378,6 +380,7 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
                 it_status = torch.where(running, max_iters, it_status)
                 running = it_status == RUNNING
             h, accept, tau_new = it.h, it.accept, it.tau_new
+            # (running is it.running unless max_steps just stopped the samples still running)
             if defer_saves and on_progress is None and running is it.running:
                 values = it.flags.tolist()  # reduced inside Advance (see Iteration.flags)
                 values = values if isinstance(values, list) else [values]
