@@ -112,7 +112,28 @@ def test_compiled_rosenbrock_matches_eager_with_gradients():
     assert torch.equal(compiled.stats.naccept, eager.stats.naccept)
     assert torch.equal(compiled.stats.njac, eager.stats.njac)
     torch.testing.assert_close(compiled.ys, eager.ys, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(compiled.trace.stiffness, eager.trace.stiffness, rtol=1e-9, atol=0.0)
     torch.testing.assert_close(g_compiled, g_eager, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 5, 40])
+def test_graph_forms_of_stage_sums_and_jacobian_norm(n):
+    """Inside a compiled graph the stage sums and ‖J‖∞ are unrolled into pointwise ops (tableau.combine,
+    jacobian.inf_norm); they give the eager forms' values and gradients (n = 40: the reduction again)."""
+    from pybridge.torch_engine.jacobian import inf_norm
+    from pybridge.torch_engine.tableau import combine
+    g = torch.Generator().manual_seed(n)
+    J = torch.randn(6, n, n, dtype=torch.float64, generator=g, requires_grad=True)
+    terms = [torch.randn(6, n, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(4)]
+    w = [0.5, -1.25, 0.0, 2.0]
+    both = lambda J, *terms: (inf_norm(J), combine(list(terms), torch.tensor(w, dtype=torch.float64), w))  # noqa: E731
+    eager = both(J, *terms)
+    graph = torch.compile(both, backend="eager", fullgraph=True)(J, *terms)
+    for a, b in zip(graph, eager):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
+    grads = [torch.autograd.grad(sum(x.sum() for x in out), [J, *terms]) for out in (graph, eager)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
 
 
 @pytest.mark.parametrize("solver", [pb.Kvaerno5(), pb.TRBDF2(), pb.AutoTsit5(pb.Rosenbrock23())])

@@ -36,7 +36,7 @@ import torch
 from . import linear_solve
 from .esdirk_tableaus import ESDIRKTableau
 from .explicit_rk import hermite
-from .jacobian import AutodiffJacobian
+from .jacobian import AutodiffJacobian, inf_norm
 
 
 class ESDIRKStep(NamedTuple):
@@ -201,7 +201,7 @@ class ESDIRK:
         nfe = iters + extra
         stats = {"njac": 1 + extra, "nlu": 1 + extra, "nsolve": iters + 1 + extra,
                  "nnonliniter": iters, "nnonlinconvfail": newton_fail.long()}
-        jac_norm = J.abs().sum(-1).amax(-1)
+        jac_norm = inf_norm(J)
         ks = torch.stack([k1, f_end], 1)
         return ESDIRKStep(y1, err, ks, (), nfe, stats, f_end, jac_norm, failed)
 

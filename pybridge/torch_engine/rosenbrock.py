@@ -12,8 +12,9 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import linear_solve
-from .jacobian import AutodiffJacobian
+from .jacobian import AutodiffJacobian, inf_norm
 from .rosenbrock_tableaus import RosenbrockTableau
+from .tableau import combine
 
 
 class RosenbrockStep(NamedTuple):
@@ -46,8 +47,11 @@ class Rosenbrock:
         s = tableau.stages
         self.A_rows = [as_tensor(tableau.A[i][:i]) for i in range(s)]
         self.C_rows = [as_tensor(tableau.C[i][:i]) for i in range(s)]
+        self.A_values = [[float(x) for x in tableau.A[i][:i]] for i in range(s)]
+        self.C_values = [[float(x) for x in tableau.C[i][:i]] for i in range(s)]
         self.uses_A = [any(x != 0 for x in tableau.A[i][:i]) for i in range(s)]
         self.weights = as_tensor([list(tableau.b), list(tableau.btilde)]).T  # (s, 2)
+        self.weight_values = [[float(x) for x in w] for w in (tableau.b, tableau.btilde)]
         self.dense = as_tensor([list(r) for r in tableau.dense])            # (D, s)
         self.jacobian = AutodiffJacobian()
 
@@ -66,29 +70,32 @@ class Rosenbrock:
         h2T = (h * h)[:, None] * dT
         Us, f_last, u_last = [], k1, y
         s = len(self.c)
+        compiling = torch.compiler.is_compiling()  # (the stage sums: see tableau.combine)
         for i in range(s):
             if i == 0:
                 fi, ui = k1, y
             else:
-                Ustack = torch.stack(Us, -1)  # (B, n, i)
-                ui = y + Ustack @ self.A_rows[i] if self.uses_A[i] else y
+                Ustack = None if compiling else torch.stack(Us, -1)  # (B, n, i)
+                ui = y + combine(Us, self.A_rows[i], self.A_values[i], Ustack) if self.uses_A[i] else y
                 fi = rhs(t + self.c[i] * h, ui)
             r = hcol * fi
             if self.d[i] != 0:
                 r = r + self.d[i] * h2T
             if i > 0:
-                r = r + Ustack @ self.C_rows[i]
+                r = r + combine(Us, self.C_rows[i], self.C_values[i], Ustack)
             Us.append(solve(r))
             f_last, u_last = fi, ui
         U = torch.stack(Us, -1)             # (B, n, s)
-        combo = U @ self.weights            # (B, n, 2)
+        if compiling:
+            sol_sum, err = (combine(Us, None, w) for w in self.weight_values)
+        else:
+            sol_sum, err = (U @ self.weights).unbind(-1)
         # FSAL (Rosenbrock23): the last stage was evaluated at y1 itself; use exactly that point.
-        y1 = u_last if self.fsal else y + combo[..., 0]
-        err = combo[..., 1]
+        y1 = u_last if self.fsal else y + sol_sum
         nan = torch.full_like(y1, float("nan"))
         y1 = torch.where(ok[:, None], y1, nan)
         err = torch.where(ok[:, None], err, nan)
-        jac_norm = J.abs().sum(-1).amax(-1)
+        jac_norm = inf_norm(J)
         stats = {"njac": 1, "nlu": 1, "nsolve": s}
         return RosenbrockStep(y1, err, U.transpose(1, 2), (), s - 1, stats,
                               f_last if self.fsal else None, jac_norm)

@@ -1,8 +1,11 @@
-"""Butcher tableaus as plain data, stepped by the one generic routine in ``explicit_rk.py``."""
+"""Butcher tableaus as plain data, stepped by the one generic routine in ``explicit_rk.py``; and
+``combine``, the weighted sum of stages that the Runge–Kutta-type routines share."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -55,3 +58,19 @@ class ButcherTableau:
     @property
     def adaptive(self) -> bool:
         return self.b_error is not None
+
+
+def combine(terms, weights, weight_values, stacked=None):
+    """Σ_j weights[j] · terms[j] for a list of (B, n) tensors (`stacked`: them as (B, n, j), if at hand).
+
+    Eagerly, one stacked matrix-vector product (`weights` as a tensor): the fewest dispatched ops.
+    Inside a compiled graph, a chain of multiply-adds (`weight_values`, Python floats) that inductor
+    fuses into the step's vectorised pointwise kernels: its code for the stacked product's short
+    reduction is slower (7 stages of a (256, 20) batch: 108 against 49 µs per call, 2026-12-03).
+    Zero weights are kept, so that a non-finite term poisons the result in both forms alike."""
+    if torch.compiler.is_compiling():
+        out = weight_values[0] * terms[0]
+        for w, x in zip(weight_values[1:], terms[1:]):
+            out = out + w * x
+        return out
+    return (torch.stack(terms, -1) if stacked is None else stacked) @ weights
