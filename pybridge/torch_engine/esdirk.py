@@ -134,26 +134,21 @@ class ESDIRK:
 
     def _attach(self, rhs, ti, tmp, zstar, h):
         """z* + (g − g.detach()), g = −M⁻¹G(z*) with the exact Jacobian at the converged point."""
-        B, n = zstar.shape
         Y = tmp + self.gamma * zstar
         G = zstar - h[:, None] * rhs(ti, Y)
         with torch.no_grad():
             Jstar = self.jacobian(rhs, ti.detach(), Y.detach())[0]
-            eye = torch.eye(n, dtype=zstar.dtype, device=zstar.device)
-            M = eye - (self.gamma * h.detach())[:, None, None] * Jstar
-            lu = linear_solve.factor(M)
+            lu = linear_solve.factor_shifted(Jstar, self.gamma * h.detach())
         g = -lu.solve(G)
         return zstar + (g - g.detach())
 
     # -- the step ------------------------------------------------------------------------------
     def step(self, rhs, t, y, h, k1) -> ESDIRKStep:
-        B, n = y.shape
+        B = y.shape[0]
         s = len(self.c)
         device = y.device
         J = self.jacobian(rhs, t, y)[0]
-        eye = torch.eye(n, dtype=y.dtype, device=device)
-        W = eye - (self.gamma * h)[:, None, None] * J
-        lu = linear_solve.factor(W)     # a singular sample solves with the identity
+        lu = linear_solve.factor_shifted(J, self.gamma * h)   # W; a singular sample solves with the identity
         singular = ~lu.ok
         solve_d = lu.detach().solve
 

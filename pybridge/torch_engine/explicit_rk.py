@@ -6,7 +6,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .controller import Norm, _safe_sqrt
-from .tableau import ButcherTableau, combine
+from .tableau import ButcherTableau, combine, combine_rows
 
 
 class RKStep(NamedTuple):
@@ -37,7 +37,7 @@ class ExplicitRK:
         self.a_values = [[float(x) for x in tableau.a[i]] for i in range(s)]
         weights = [list(tableau.b)] + ([list(tableau.b_error)] if tableau.b_error is not None else [])
         self.weight_values = [[float(x) for x in w] for w in weights]
-        self.weights_T = as_tensor(weights)  # (1 or 2, s): solution and error in one product
+        self.weights = as_tensor(weights).T  # (s, 1 or 2): solution and error in one product
         self.dense = as_tensor([list(r) for r in tableau.dense]) if tableau.dense is not None else None
         self.stiffness_pair = tableau.stiffness_pair
         self.interpolation_order = tableau.dense_order if tableau.dense is not None else 3
@@ -67,10 +67,7 @@ class ExplicitRK:
                 args[i] = yi
             ks.append(rhs(times[i], yi))
         K = torch.stack(ks, 1) if s > 1 else k1[:, None]  # (B, s, n)
-        if torch.compiler.is_compiling():  # (see tableau.combine)
-            combo = [combine(ks, None, w) for w in self.weight_values]
-        else:  # solution and error weights in one product
-            combo = (self.weights_T @ K).unbind(1)
+        combo = combine_rows(ks, self.weights, self.weight_values, K.mT)
         # FSAL: the last stage is evaluated at y1, so its argument *is* the solution.
         y1 = args[s - 1] if self.fsal else torch.addcmul(y, hcol, combo[0])
         err = hcol * combo[1] if self.adaptive else None

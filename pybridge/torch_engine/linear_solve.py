@@ -76,6 +76,12 @@ def factor(M: torch.Tensor):
     return _lapack(M)
 
 
+def factor_shifted(J: torch.Tensor, scale: torch.Tensor):
+    """LU factors of I − scale·J for J (B, n, n) and scale (B,): the stiff methods' matrix."""
+    eye = torch.eye(J.shape[-1], dtype=J.dtype, device=J.device)
+    return factor(eye - scale[:, None, None] * J)
+
+
 def _lapack(M: torch.Tensor) -> LapackLU:
     n = M.shape[-1]
     LU, piv, info = torch.linalg.lu_factor_ex(M)

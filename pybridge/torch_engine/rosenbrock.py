@@ -14,7 +14,7 @@ import torch
 from . import linear_solve
 from .jacobian import AutodiffJacobian, inf_norm
 from .rosenbrock_tableaus import RosenbrockTableau
-from .tableau import combine
+from .tableau import combine, combine_rows
 
 
 class RosenbrockStep(NamedTuple):
@@ -57,13 +57,10 @@ class Rosenbrock:
 
     # -- the step ------------------------------------------------------------------------------
     def step(self, rhs, t, y, h, k1) -> RosenbrockStep:
-        B, n = y.shape
         J, dT = self.jacobian(rhs, t, y, with_time=True)
         hcol = h[:, None]
-        eye = torch.eye(n, dtype=y.dtype, device=y.device)
-        M = eye - (self.gamma * h)[:, None, None] * J
         # A singular sample solves with the identity; its proposal is replaced by NaN below.
-        lu = linear_solve.factor(M)
+        lu = linear_solve.factor_shifted(J, self.gamma * h)
         ok = lu.ok
         solve = lambda r: self.gamma * lu.solve(r)
 
@@ -86,10 +83,7 @@ class Rosenbrock:
             Us.append(solve(r))
             f_last, u_last = fi, ui
         U = torch.stack(Us, -1)             # (B, n, s)
-        if compiling:
-            sol_sum, err = (combine(Us, None, w) for w in self.weight_values)
-        else:
-            sol_sum, err = (U @ self.weights).unbind(-1)
+        sol_sum, err = combine_rows(Us, self.weights, self.weight_values, U)
         # FSAL (Rosenbrock23): the last stage was evaluated at y1 itself; use exactly that point.
         y1 = u_last if self.fsal else y + sol_sum
         nan = torch.full_like(y1, float("nan"))

@@ -1,8 +1,8 @@
 """Butcher tableaus as plain data, stepped by the one generic routine in ``explicit_rk.py``; and
-``combine``, the weighted sum of stages that the Runge–Kutta-type routines share."""
+``combine``, the weighted sums of stages that the Runge–Kutta-type routines share."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -74,3 +74,11 @@ def combine(terms, weights, weight_values, stacked=None):
             out = out + w * x
         return out
     return (torch.stack(terms, -1) if stacked is None else stacked) @ weights
+
+
+def combine_rows(terms, weights, rows, stacked=None):
+    """The sums of ``combine`` for several weight rows at once (a method's solution and error
+    weights): `weights` (j, m) for the eager product, `rows` its m columns as lists of floats."""
+    if torch.compiler.is_compiling():
+        return tuple(combine(terms, None, row) for row in rows)
+    return ((torch.stack(terms, -1) if stacked is None else stacked) @ weights).unbind(-1)
