@@ -124,6 +124,7 @@ CONTENDERS = [
     ("pybridge Tsit5, lockstep, compile=True", run_pybridge(pb.Tsit5(), "lockstep", compile=True)),
     ("pybridge Tsit5, independent, compile=True", run_pybridge(pb.Tsit5(), "independent", compile=True)),
     ("pybridge DP5, lockstep, compile=True", run_pybridge(pb.DP5(), "lockstep", compile=True)),
+    ("pybridge DP5, independent, compile=True", run_pybridge(pb.DP5(), "independent", compile=True)),
     ("torchdiffeq dopri5", run_torchdiffeq),
     ("torchode tsit5 (IntegralController)", run_torchode),
 ]

@@ -9,23 +9,27 @@ from .solve import solve
 
 # torchdiffeq method name -> pybridge solver
 METHODS = {
-    "euler": S.Euler, "midpoint": S.Midpoint, "heun": S.Heun, "rk4": S.RK4,
+    "euler": S.Euler, "midpoint": S.Midpoint, "heun2": S.Heun, "heun": S.Heun, "rk4": S.RK4,
     "bosh3": S.BS3, "dopri5": S.DP5, "tsit5": S.Tsit5, "vern7": S.Vern7,
 }
 # torchdiffeq option -> solve() keyword
 OPTIONS = {"step_size": "dt", "first_step": "dt", "max_num_steps": "max_steps", "dtype": None}
 
 
-def odeint(func, y0, t, *, rtol: float = 1e-7, atol: float = 1e-9, method: str = "dopri5",
+def odeint(func, y0, t, *, rtol: float = 1e-7, atol: float = 1e-9, method: str | None = "dopri5",
            options: dict | None = None, event_fn=None) -> torch.Tensor:
     """Solve like torchdiffeq.odeint: y0 (any shape, or a tuple of tensors) is one state,
     func(t, y) gets a 0-d t, the error norm is the RMS over all of y; returns (T, *y0.shape).
 
+    As torchdiffeq: method=None means "dopri5"; a fixed-step method ("euler", "midpoint", "heun2",
+    "rk4") without options={"step_size": ...} takes one step per interval of t; "max_num_steps"
+    bounds the steps per interval of t; a failed solve raises (pybridge.SolveError, a RuntimeError).
     Differences: "rk4" is the classic RK4 (torchdiffeq's is the 3/8 rule, so fixed-step results
     differ at truncation-error level); "tsit5" is OrdinaryDiffEq's Tsit5 (torchdiffeq 0.2.5 has none).
     """
     if event_fn is not None:
         raise ValueError("odeint: event_fn is not supported by pybridge")
+    method = "dopri5" if method is None else method
     if method not in METHODS:
         raise ValueError(f"odeint: unknown method {method!r}; pybridge supports {sorted(METHODS)}")
     kwargs = {}
@@ -38,11 +42,29 @@ def odeint(func, y0, t, *, rtol: float = 1e-7, atol: float = 1e-9, method: str =
     if isinstance(y0, tuple):
         return _odeint_tuple(func, y0, t, rtol, atol, method, kwargs)
     t = _as_times(t, y0)
-    prob = ODEProblem(func, y0, t, batched=False)
+    if isinstance(t, torch.Tensor) and t.dim() == 1 and t.shape[0] == 1:
+        return y0[None]  # (torchdiffeq returns the initial state alone)
     solver = METHODS[method]()
+    intervals = (t.shape[0] - 1) if isinstance(t, torch.Tensor) and t.dim() == 1 else 1
+    if "max_steps" in kwargs:  # torchdiffeq counts the steps of each interval of t
+        kwargs["max_steps"] *= max(intervals, 1)
     if not solver.adaptive and "dt" not in kwargs:
-        raise ValueError(f"odeint: method {method!r} is fixed-step and needs options={{'step_size': ...}}")
-    return solve(prob, solver, rtol=rtol, atol=atol, **kwargs).ys
+        return _fixed_on_grid(func, y0, t, solver, rtol, atol, kwargs)
+    prob = ODEProblem(func, y0, t, batched=False)
+    return solve(prob, solver, rtol=rtol, atol=atol, raise_on_failure=True, **kwargs).ys
+
+
+def _fixed_on_grid(func, y0, t, solver, rtol, atol, kwargs):
+    """torchdiffeq's fixed grid without a step size: one step from each time of t to the next."""
+    if not (isinstance(t, torch.Tensor) and t.dim() == 1 and t.shape[0] >= 2):
+        # (the checks of ODEProblem give the message)
+        return solve(ODEProblem(func, y0, t, batched=False), solver, dt=1.0, raise_on_failure=True).ys
+    ys = [y0]
+    for t0, t1 in zip(t[:-1], t[1:]):
+        prob = ODEProblem(func, ys[-1], torch.stack([t0, t1]), batched=False)
+        step = float((t1 - t0).abs())
+        ys.append(solve(prob, solver, rtol=rtol, atol=atol, dt=step, raise_on_failure=True, **kwargs).ys[-1])
+    return torch.stack(ys)
 
 
 def _as_times(t, y0):

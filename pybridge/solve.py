@@ -1,9 +1,11 @@
 """`solve`: argument checking and engine dispatch."""
 from __future__ import annotations
 
-import math
-import warnings
 import contextlib
+import math
+import numbers
+import operator
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
@@ -94,6 +96,10 @@ def solve(prob: ODEProblem, solver: Optional[Solver] = None, *, engine: str = "t
     _check_tolerance("atol", atol, prob)
     _warn_unreachable_rtol(solver, rtol, prob)
     adaptive = solver.adaptive if adaptive is None else bool(adaptive)
+    if adaptive and bool((torch.as_tensor(atol) + torch.as_tensor(rtol) == 0).any()):
+        # The error norm divides by atol + rtol·|y|: no step could ever be judged.
+        raise ValueError("rtol and atol must not both be zero (for any component) in an adaptive solve: "
+                         "the error is measured relative to atol + rtol·|y|")
     if dt is not None:
         if isinstance(dt, torch.Tensor):
             dt = float(dt)
@@ -102,11 +108,13 @@ def solve(prob: ODEProblem, solver: Optional[Solver] = None, *, engine: str = "t
     if not adaptive and dt is None:
         raise ValueError(f"{solver!r} with fixed steps needs a step size: pass dt=... "
                          "(or adaptive=True for a method with an error estimate)")
-    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
+    if _as_integer(max_steps) is None or _as_integer(max_steps) < 1:
         raise ValueError(f"max_steps must be an integer >= 1; got {max_steps!r}")
-    if not (isinstance(dtmin, (int, float)) and dtmin >= 0):
+    max_steps = _as_integer(max_steps)
+    dtmin, dtmax = _as_number(dtmin), _as_number(dtmax)
+    if not (isinstance(dtmin, float) and dtmin >= 0):
         raise ValueError(f"dtmin must be a number >= 0; got {dtmin!r}")
-    if dtmax is not None and not (isinstance(dtmax, (int, float)) and dtmax > 0):
+    if dtmax is not None and not (isinstance(dtmax, float) and dtmax > 0):
         raise ValueError(f"dtmax must be a positive number or None; got {dtmax!r}")
     if dtmax is not None and dtmin > dtmax:
         raise ValueError(f"dtmin ({dtmin}) must not exceed dtmax ({dtmax})")
@@ -178,6 +186,25 @@ def _warn_unreachable_rtol(solver, rtol, prob):
                       f"about rtol={floor:g}, so the tolerance cannot be met (expect many rejected steps or "
                       f"Newton failures); use float64 (y0.double()) or rtol >= {floor:g}",
                       UserWarning, stacklevel=3)
+
+
+def _as_integer(x):
+    """x as a Python int if it is an integer of any kind (int, NumPy, 0-d integer tensor), else None."""
+    if isinstance(x, bool) or (isinstance(x, torch.Tensor) and (x.dim() != 0 or x.is_floating_point())):
+        return None
+    try:
+        return operator.index(x)
+    except TypeError:
+        return None
+
+
+def _as_number(x):
+    """A real number of any kind (int, float, NumPy, 0-d tensor) as a float; anything else unchanged."""
+    if isinstance(x, bool) or x is None:
+        return x
+    if isinstance(x, torch.Tensor):
+        return float(x) if x.dim() == 0 and not x.is_complex() else x
+    return float(x) if isinstance(x, numbers.Real) else x
 
 
 def _check_tolerance(name, tol, prob):

@@ -117,3 +117,50 @@ CASES = [
 def test_invalid_input_raises_with_clear_message(call, exc, message):
     with pytest.raises(exc, match=message):
         call()
+
+
+def test_numbers_of_any_kind_and_zero_tolerances():
+    """max_steps and dtmax accept NumPy and 0-d tensor numbers; rtol = atol = 0 in an adaptive solve
+    raises naming both (the error is relative to atol + rtol·|y|), where it used to fail at t = 0."""
+    import numpy as np
+    prob = pb.ODEProblem(lambda t, y: -y, torch.ones(2, 1, dtype=torch.float64),
+                         torch.tensor([0.0, 1.0], dtype=torch.float64))
+    ref = pb.solve(prob, pb.Tsit5(), dtmax=0.5, max_steps=100).ys
+    for kw in (dict(dtmax=torch.tensor(0.5), max_steps=np.int64(100)), dict(dtmax=np.float32(0.5), max_steps=torch.tensor(100))):
+        torch.testing.assert_close(pb.solve(prob, pb.Tsit5(), **kw).ys, ref, rtol=0, atol=0)
+    for bad in (2.5, True, torch.tensor(3.0)):
+        with pytest.raises(ValueError, match="max_steps must be an integer"):
+            pb.solve(prob, pb.Tsit5(), max_steps=bad)
+    with pytest.raises(ValueError, match="rtol and atol must not both be zero"):
+        pb.solve(prob, pb.Tsit5(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="rtol and atol must not both be zero"):
+        pb.solve(prob, pb.Tsit5(), rtol=0.0, atol=torch.tensor([0.0], dtype=torch.float64))
+    pb.solve(prob, pb.RK4(), dt=0.1, rtol=0, atol=0)  # fixed steps judge nothing: allowed
+
+
+def test_dtmin_bounds_the_automatic_first_step_and_dense_queries_stay_in_the_span():
+    """As OrdinaryDiffEq: the automatic initial step is at least dtmin. sol(t) raises for t outside
+    the solved span at either end (NaN is reserved for times past where a failed sample stopped)."""
+    prob = pb.ODEProblem(lambda t, y: -y, torch.ones(1, 1, dtype=torch.float64),
+                         torch.tensor([0.0, 1.0], dtype=torch.float64))
+    free = pb.solve(prob, pb.Tsit5())
+    assert float(free.trace.dt[0, 0]) < 0.2
+    sol = pb.solve(prob, pb.Tsit5(), dtmin=0.2, dense=True)
+    assert float(sol.trace.dt[0, 0]) >= 0.2
+    for t_out, where in ((-0.1, "before"), (1.1, "after")):
+        with pytest.raises(ValueError, match=f"t lies {where}"):
+            sol(torch.tensor([t_out], dtype=torch.float64))
+
+
+def test_fixed_steps_differentiate_the_save_times():
+    """t requiring grad with fixed steps: the solve takes the general loop (the fixed loop's step grid
+    is host numbers): dy(t1)/dt1 is the derivative of the last RK4 step in its length, f(y(t1)) up
+    to the step's O(h^4) error, and the same with and without dense output."""
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64, requires_grad=True)
+    grads = []
+    for kw in (dict(dt=0.1), dict(dt=0.1, dense=True)):
+        sol = pb.solve(pb.ODEProblem(lambda t, y: -y, torch.ones(2, 1, dtype=torch.float64), t), pb.RK4(), **kw)
+        (g,) = torch.autograd.grad(sol.ys[-1].sum(), t)
+        torch.testing.assert_close(g[1], -2 * sol.ys[-1, 0, 0].detach(), rtol=1e-4, atol=0)
+        grads.append(g)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=0)

@@ -176,3 +176,56 @@ def test_end_only_saves_equal_interpolated_saves(method, kw):
     g_end = torch.autograd.grad(ends.ys[-1, [0, 2]].sum(), rate)[0]
     g_more = torch.autograd.grad(more.ys[-1, [0, 2]].sum(), rate)[0]
     torch.testing.assert_close(g_end, g_more, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("method, kw", [
+    ("RK4", dict(adaptive=False, dt=0.01)),                      # fixed-step loop
+    ("RK4", dict(adaptive=False, dt=0.01, dense=True)),          # general loop, fixed steps
+    ("Midpoint", dict(adaptive=False, dt=0.01)),
+    ("Tsit5", dict(adaptive=False, dt=0.01)),                    # FSAL, no error estimate
+    ("Vern7", dict(rtol=1e-6, atol=1e-8)),                       # adaptive, f(t1, y1) not a stage
+])
+def test_a_finite_state_whose_derivative_overflows_ends_its_sample_cleanly(method, kw):
+    """y' = a·y² from y0 = 2 reaches finite states (~1e170) whose y² overflows: f(t1, y1) = inf while
+    y1 is finite. The next step starts from f(t1, y1), so such a step must not count; otherwise the
+    stopped sample's later h = 0 steps form y + 0·inf = NaN and the gradient of the shared `a` is
+    NaN. The other samples' gradient must be theirs alone."""
+    a = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    t = torch.linspace(0, 1, 6, dtype=torch.float64)
+
+    def solve(y0, blowing):
+        f = lambda t, y: blowing * a * y * y - (1 - blowing) * a * y  # noqa: E731
+        with pytest.warns(RuntimeWarning) if bool(blowing.any()) else contextlib.nullcontext():
+            return pb.solve(pb.ODEProblem(f, y0, t), getattr(pb, method)(), **kw)
+
+    y0 = torch.tensor([[1.0], [2.0], [1.0]], dtype=torch.float64)
+    sol = solve(y0, torch.tensor([[0.0], [1.0], [0.0]], dtype=torch.float64))
+    assert sol.retcodes[1] != pb.ReturnCode.Success and sol.retcode[[0, 2]].eq(int(pb.ReturnCode.Success)).all()
+    (grad,) = torch.autograd.grad(sol.ys[:, [0, 2]].sum(), a)
+    alone = solve(y0[[0, 2]], torch.zeros(2, 1, dtype=torch.float64))
+    (grad_alone,) = torch.autograd.grad(alone.ys.sum(), a)
+    torch.testing.assert_close(grad, grad_alone, rtol=1e-12, atol=0)
+    assert torch.isfinite(sol.ys[:, 1]).any()  # it kept its values up to the failure
+
+
+def test_a_stopped_sample_is_not_evaluated_past_its_own_time():
+    """A fixed-step sample stopped at t = 0.4 (its forcing sqrt(0.4 − t) is NaN beyond) steps on with
+    h = 0 at its own time, not at the grid's later times, in both loops: its f stays finite there and
+    the shared parameter's gradient equals that of the other samples alone."""
+    a = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    t = torch.linspace(0, 1, 6, dtype=torch.float64)
+
+    def solve(y0, forced, dense):
+        def f(t, y):
+            forcing = torch.sqrt(0.4 - t)[:, None]
+            return -a * y + torch.where(forced, forcing, torch.zeros_like(forcing))
+        with pytest.warns(RuntimeWarning) if bool(forced.any()) else contextlib.nullcontext():
+            return pb.solve(pb.ODEProblem(f, y0, t), pb.RK4(), dt=0.05, dense=dense)
+
+    for dense in (False, True):
+        sol = solve(torch.ones(3, 1, dtype=torch.float64), torch.tensor([[False], [True], [False]]), dense)
+        assert sol.retcodes[1] == pb.ReturnCode.Unstable
+        (grad,) = torch.autograd.grad(sol.ys[:, [0, 2]].sum(), a)
+        alone = solve(torch.ones(2, 1, dtype=torch.float64), torch.tensor([[False], [False]]), dense)
+        (grad_alone,) = torch.autograd.grad(alone.ys.sum(), a)
+        torch.testing.assert_close(grad, grad_alone, rtol=1e-12, atol=0)

@@ -89,3 +89,24 @@ def test_gradients_match_torchdiffeq(method, kw, tol):
     for a, b in zip(*grads):
         assert torch.isfinite(a).all() and a.abs().sum() > 0
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_torchdiffeq_calls_that_a_switching_user_makes():
+    """method=None, fixed-step methods without a step size (one step per interval of t), torchdiffeq's
+    name "heun2", max_num_steps per interval of t, a failed solve raising, and t of length 1."""
+    f = Lotka()
+    torch.testing.assert_close(pb.odeint(f, Y0, T, method=None), pb.odeint(f, Y0, T, method="dopri5"), rtol=0, atol=0)
+    t_uneven = torch.tensor([0.0, 0.1, 0.35, 0.4, 1.0], dtype=torch.float64)
+    for method in ("euler", "midpoint", "heun2"):
+        torch.testing.assert_close(pb.odeint(f, Y0, t_uneven, method=method),
+                                   tdq.odeint(f, Y0, t_uneven, method=method), rtol=0, atol=1e-13)
+    opts = {"step_size": 0.05}
+    torch.testing.assert_close(pb.odeint(f, Y0, T, method="heun2", options=opts),
+                               tdq.odeint(f, Y0, T, method="heun2", options=opts), rtol=0, atol=1e-13)
+    # torchdiffeq bounds the steps of each interval of t: 40 intervals of a few steps each pass.
+    t_fine = torch.linspace(0.0, 2.0, 41, dtype=torch.float64)
+    assert tdq.odeint(f, Y0, t_fine, options={"max_num_steps": 4}).shape == (41, 2)
+    assert torch.isfinite(pb.odeint(f, Y0, t_fine, options={"max_num_steps": 4})).all()
+    with pytest.raises(RuntimeError, match="MaxIters"):  # torchdiffeq raises too (AssertionError)
+        pb.odeint(f, Y0, T[[0, -1]], options={"max_num_steps": 3})
+    assert pb.odeint(f, Y0, T[:1]).shape == (1, 2) and torch.equal(pb.odeint(f, Y0, T[:1])[0], Y0)

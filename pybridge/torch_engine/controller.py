@@ -65,6 +65,12 @@ def rows_finite(x: torch.Tensor) -> torch.Tensor:
     return (x.abs() < constant(math.inf, x)).all(-1)
 
 
+def rows_both_finite(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """rows_finite(x) & rows_finite(y), as one check of x + y where the shapes agree: the sum is
+    non-finite if either term is, and overflows otherwise only at the floating-point limit."""
+    return rows_finite(x + y) if x.shape == y.shape else rows_finite(x) & rows_finite(y)
+
+
 def error_norm(norm: Norm, err, y0, y1, atol, rtol, valid=None) -> torch.Tensor:
     """EEst = rms(err / (atol + rtol·max(|y0|, |y1|))); non-finite errors give +inf.
 

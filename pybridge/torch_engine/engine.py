@@ -226,8 +226,13 @@ class DenseOutput:
             raise ValueError(f"sol(t): t must have shape (Tq,) or ({B}, Tq); got {tuple(t.shape)}")
         tau = tq * self.direction[:, None]
         tau0 = self.data["tau"][:, :1]
-        if not extrapolate and (tau < tau0 - 1e-12 * tau0.abs().clamp(min=1)).any():
-            raise ValueError("sol(t): t lies before the initial time")
+        if not extrapolate:  # the solved span; beyond where a failed sample stopped, NaN (below)
+            t_end = prob.t[..., -1:].to(tau)
+            tau_end = (t_end.expand(B, 1) if t_end.dim() == 1 else t_end) * self.direction[:, None]
+            if (tau < tau0 - 1e-12 * tau0.abs().clamp(min=1)).any():
+                raise ValueError("sol(t): t lies before the initial time")
+            if (tau > tau_end + 1e-12 * tau_end.abs().clamp(min=1)).any():
+                raise ValueError("sol(t): t lies after the final time")
         nsteps = self.mask.sum(1, keepdim=True).clamp(min=1)
         idx = (torch.searchsorted(self.starts.contiguous(), tau.contiguous(), right=True) - 1)
         idx = torch.minimum(idx.clamp(min=0), nsteps - 1)

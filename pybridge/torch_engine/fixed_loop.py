@@ -28,7 +28,7 @@ import torch
 from ..progress import current_hook as progress_hook
 from ..solution import ReturnCode
 from .brownian import VirtualBrownianTree
-from .controller import Norm, constant, error_norm, rows_finite
+from .controller import Norm, constant, error_norm, rows_both_finite, rows_finite
 from .loop import (SAVE_BUFFER_ELEMENTS, LoopResult, _assemble_saves, _flush_saves, _flush_stiffness, compiled,
                    end_saves, saves_end_only, tolerance_inputs)
 
@@ -48,8 +48,8 @@ def grid_for(method, tau_save: torch.Tensor, opts) -> Optional[StepGrid]:
     """The step sequence of a fixed-step solve, or None where the general loop is needed."""
     if (opts.adaptive or opts.dense or opts.probe is not None or opts.differentiable_dt
             or not getattr(method, "plain_steps", False) or tau_save.dtype not in HOST_DTYPES
-            or not isinstance(opts.dt, (int, float))):
-        return None
+            or not isinstance(opts.dt, (int, float)) or tau_save.requires_grad):
+        return None                       # (the grid is host numbers: no gradient to the times)
     row = tau_save[0]
     if tau_save.shape[0] > 1 and not bool((tau_save == row).all()):
         return None                       # per-sample save times: per-sample grids
@@ -114,20 +114,25 @@ class FixedStep:
 
     def __call__(self, tau, y, h_grid, end, k1, alive, tau_prev, noise=()) -> FixedIteration:
         method = self.method
-        h = torch.where(alive, h_grid, constant(0.0, h_grid)) if self.guard else h_grid
+        if self.guard:  # a stopped sample steps with h = 0 from its own last time and state
+            h = torch.where(alive, h_grid, constant(0.0, h_grid))
+            tau, end = torch.where(alive, tau, tau_prev), torch.where(alive, end, tau_prev)
+        else:
+            h = h_grid
         step = method.step(self.rhs, tau, y, h, k1, *noise)
         if not self.guard:
             h = None  # h_grid itself: returning an input costs the compiled call an alias replay
         eest = None
         if step.err is not None:
             eest = error_norm(self.norm, step.err, y, step.y1, self.atol, self.rtol, valid=alive)
-        alive = alive & rows_finite(step.y1)
+        # As in loop.Advance: the next step starts from (y1, f(t1, y1)), so both must be finite.
+        f_end, extra_eval = method.end_derivative(step), False
+        if f_end is None:
+            f_end, extra_eval = self.rhs(end, step.y1), True
+        alive = alive & rows_both_finite(step.y1, f_end)
         keep = alive[:, None]
         y_new = torch.where(keep, step.y1, y)
         tau_new = torch.where(alive, end, tau_prev)
-        f_end, extra_eval = method.end_derivative(step), False
-        if f_end is None:
-            f_end, extra_eval = self.rhs(tau_new, y_new), True
         terms = method.stiffness_terms(step, step.y1, f_end) if self.has_stiffness_terms else None
         if not self.keep_stages:
             step = step._replace(ks=None)

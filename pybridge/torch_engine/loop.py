@@ -29,7 +29,7 @@ import torch
 
 from ..progress import SCALE as PROGRESS_SCALE, current_hook as progress_hook
 from ..solution import ReturnCode
-from .controller import Norm, PIController, constant, error_norm, initial_step, rows_finite
+from .controller import Norm, PIController, constant, error_norm, initial_step, rows_both_finite, rows_finite
 
 RUNNING = int(ReturnCode.Running)
 
@@ -112,6 +112,8 @@ class Advance:
         code_like = torch.zeros((), dtype=torch.long, device=tau_save.device)
         self.code = {rc: constant(int(rc), code_like) for rc in ReturnCode}
         self.defer_stiffness = hasattr(method, "stiffness_terms")
+        # An adaptive FSAL Runge–Kutta method's error estimate includes f(t1, y1), its last stage.
+        self.end_in_error_estimate = opts.adaptive and getattr(method, "error_includes_end", False)
         # Fixed steps cannot retry; in lockstep one dt serves everyone, so a diverging sample is
         # stopped rather than allowed to shrink the batch's step. Otherwise it retries smaller.
         self.stop_diverged = not opts.adaptive or opts.lockstep
@@ -147,7 +149,19 @@ class Advance:
         else:
             step = method.step(self.rhs, tau, y, h_step, k1, noise)
 
-        finite_y1 = rows_finite(step.y1)
+        # The step's end time, and f there: the next step starts from (y1, f(t1, y1)), so both must be
+        # finite for the step to count (with h = 0, a stopped or frozen sample's stage y + 0·f would
+        # otherwise be NaN, and so would the gradients of parameters the samples share). Without
+        # FSAL, f(t1, y1) is one more batched call, for every sample (rejected ones: values unused).
+        t_end = torch.where(hit, target, tau + h)
+        f_end = method.end_derivative(step)
+        extra_eval = None
+        if f_end is None:
+            f_end = self.rhs(t_end if frozen is None else torch.where(frozen, tau, t_end), step.y1)
+        if self.end_in_error_estimate:  # (a non-finite last stage already makes EEst infinite)
+            finite_y1 = rows_finite(step.y1)
+        else:
+            finite_y1 = rows_both_finite(step.y1, f_end)
         blew_up = active & ~finite_y1 if self.guard_blowups and frozen is None else None
         if step.err is not None:
             eest = error_norm(self.norm, step.err, y, step.y1, self.atol, self.rtol, valid=judged)
@@ -165,14 +179,11 @@ class Advance:
         hit_accept = hit & accept
         # The step that reaches the end time (target is tau_end unless stopping at save points).
         finishing = hit_accept if not opts.stop_at_saves else hit_accept & (target == self.tau_end)
-        tau_new = torch.where(accept, torch.where(hit, target, tau + h), tau)
+        tau_new = torch.where(accept, t_end, tau)
         accept_col = accept[:, None]
         y_new = torch.where(accept_col, step.y1, y)
-        f_end = method.end_derivative(step)
-        extra_eval = None
-        if f_end is None:
-            f_end = self.rhs(tau_new, y_new)
-            extra_eval = accept
+        if method.end_derivative(step) is None:
+            extra_eval = accept  # (charged to the samples whose step it ends)
         k1 = torch.where(accept_col, f_end, k1)
         stiff, stiff_terms = None, None
         if self.defer_stiffness:
@@ -317,6 +328,8 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
     else:
         nfe += 1
         dt = initial_step(rhs, tau, y0, k1, method.order, atol, rtol, norm, dtmax)
+        if opts.dtmin > 0:  # (as OrdinaryDiffEq's initial step: no smaller than dtmin)
+            dt = torch.clamp(dt, min=opts.dtmin)
         if not opts.differentiable_dt:
             dt = dt.detach()
         if opts.lockstep:
