@@ -109,7 +109,7 @@ CASES = [
     ("unknown engine", lambda: pb.solve(P(), engine="jax"), ValueError, "engine must be one of"),
     ("odeint unknown method", lambda: pb.odeint(ok, y0, t, method="dopri8"), ValueError, "odeint: unknown method 'dopri8'"),
     ("odeint unknown option", lambda: pb.odeint(ok, y0, t, options={"safety": 0.8}), ValueError, "odeint: unknown option 'safety'"),
-    ("odeint fixed without step", lambda: pb.odeint(ok, y0, t, method="rk4"), ValueError, "needs options={'step_size': ...}"),
+    ("odeint zero tolerances", lambda: pb.odeint(ok, y0, t, rtol=0.0, atol=0.0), ValueError, "rtol and atol must not both be zero"),
 ]
 
 
