@@ -137,15 +137,20 @@ def _f_time(t_B, per_sample):
     return t_B if per_sample else t_B[0]
 
 
-def _check_closure(prob, params, lockstep):
+def _check_closure(prob, params, lockstep, fns=None):
     """A continuous adjoint can only differentiate y0 and adjoint_params: fail loudly, instead of
-    returning silently missing gradients, when f uses another tensor that requires grad."""
+    returning silently missing gradients, when f (or each of `fns`, e.g. an SDE's f and g) uses
+    another tensor that requires grad."""
     per_sample = prob.batched and not lockstep
     t0 = prob.t[:, 0] if prob.t.dim() == 2 else prob.t[0].expand(prob.batch_size)
-    with torch.enable_grad():
-        out = prob.f(_f_time(t0, per_sample), prob.y0.detach())
-    if not isinstance(out, torch.Tensor) or out.grad_fn is None:
-        return
+    for fn in (fns or (prob.f,)):
+        with torch.enable_grad():
+            out = fn(_f_time(t0, per_sample), prob.y0.detach())
+        if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            _check_graph(out, params)
+
+
+def _check_graph(out, params):
     ids = {id(p) for p in params}
     stops = {p.grad_fn for p in params if p.grad_fn is not None}
     todo, seen = [out.grad_fn], set()
@@ -157,7 +162,7 @@ def _check_closure(prob, params, lockstep):
         var = getattr(fn, "variable", None)
         if var is not None and id(var) not in ids:
             raise ValueError(
-                f"f uses a tensor of shape {tuple(var.shape)} that requires grad but is not among the "
+                f"f (or an SDE's g) uses a tensor of shape {tuple(var.shape)} that requires grad but is not among the "
                 f"adjoint's parameters ({len(params)} given); a continuous adjoint differentiates only y0 "
                 "and adjoint_params: pass adjoint_params=(...) including it, or use DiscreteAdjoint()")
         todo.extend(nxt for nxt, _ in fn.next_functions)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .adjoint import Adjoint, DiscreteAdjoint
+from .adjoint import Adjoint, DiscreteAdjoint, _check_closure
 
 
 class ReversibleAdjoint(Adjoint):
@@ -35,6 +35,8 @@ def solve_sde_dispatch(prob, solver, adjoint, adjoint_params, options, *, differ
     if local_regularizer is not None:
         raise ValueError("local_regularizer needs an adaptive method; ReversibleHeun takes fixed steps")
     params = _resolve_params(prob, adjoint_params)
+    if torch.is_grad_enabled():
+        _check_closure(prob, params, options["lockstep"], fns=(prob.f, prob.g))
     holder = {}
     ys = _ReversibleFunction.apply(prob, solver, kw, holder, prob.y0, *params)
     sol = holder["sol"]

@@ -86,6 +86,8 @@ def solve(prob: ODEProblem, solver: Optional[Solver] = None, *, engine: str = "t
         raise ValueError("brownian= is only for SDEProblems")
     if is_sde and engine != "torch":
         raise ValueError(f"SDEs are solved by the torch engine only; got engine={engine!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"seed must be an integer or None; got {seed!r}")
     if batch not in BATCH_MODES:
         raise ValueError(f"batch must be one of {BATCH_MODES}; got {batch!r}")
     lockstep = batch == "lockstep"

@@ -450,3 +450,29 @@ def test_general_noise_reversible_adjoint_matches_backprop():
     torch.testing.assert_close(sol_rev.ys, sol_bp.ys, rtol=0, atol=0)
     for a, b in zip(g_rev, g_bp):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_differentiable_dt_and_reversible_adjoint_closures_and_seed_checks():
+    """differentiable_dt: the step times carry a graph, but the Brownian path is not differentiable
+    in time, so none flows into the tree's query (it was NaN there). ReversibleAdjoint refuses an f
+    or g that uses a tensor requiring grad outside adjoint_params (its gradient would be dropped
+    silently). A non-integer seed, or a tree tol of 0, is refused by name."""
+    mu = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    y0 = torch.ones(4, 1, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    prob = pb.SDEProblem(lambda t, y: mu * y, lambda t, y: 0.3 * y, y0, t)
+    grads = []
+    for ddt in (False, True):
+        sol = pb.solve(prob, pb.SRIW1(), seed=3, differentiable_dt=ddt)
+        grads.append(torch.autograd.grad(sol.ys[-1].sum(), (y0, mu)))
+    assert all(torch.isfinite(g).all() for g in grads[1])
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=0.05, atol=0)
+    with pytest.raises(ValueError, match="requires grad but is not among the adjoint's parameters"):
+        pb.solve(pb.SDEProblem(lambda t, y: mu * y, lambda t, y: 0.3 * y, y0, t), pb.ReversibleHeun(),
+                 dt=0.1, seed=3, adjoint=pb.ReversibleAdjoint())
+    with pytest.raises(TypeError, match="seed must be an integer"):
+        pb.solve(prob, pb.SRIW1(), seed=1.5)
+    with pytest.raises(ValueError, match="tol must be positive"):
+        pb.VirtualBrownianTree(0.0, 1.0, shape=(4, 1), tol=0.0)
+    with pytest.raises(ValueError, match="t0 and t1 must be numbers or have one entry per sample"):
+        pb.VirtualBrownianTree(torch.zeros(3), 1.0, shape=(4, 1))

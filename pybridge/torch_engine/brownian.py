@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -185,14 +186,20 @@ class VirtualBrownianTree:
         self.shape, self.B, self.m = shape, B, m
         self.dtype, self.device = dtype, torch.device(device)
         self.levy_area = bool(levy_area)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an integer; got {seed!r}")
         self.seed = int(seed)
         # Times reach the core as (B,) float64 tensors, so a compiled core never recompiles.
         self._compiled = bool(compile)
         self._core_fn = torch.compile(self._core, dynamic=False) if compile else self._core
 
         f64 = dict(dtype=torch.float64, device=self.device)
-        self.t0 = torch.as_tensor(t0, **f64).expand(B).contiguous()
-        self.t1 = torch.as_tensor(t1, **f64).expand(B).contiguous()
+        try:
+            self.t0 = torch.as_tensor(t0, **f64).expand(B).contiguous()
+            self.t1 = torch.as_tensor(t1, **f64).expand(B).contiguous()
+        except RuntimeError:
+            raise ValueError(f"t0 and t1 must be numbers or have one entry per sample ({B}); got shapes "
+                             f"{tuple(torch.as_tensor(t0).shape)} and {tuple(torch.as_tensor(t1).shape)}") from None
         self._len = self.t1 - self.t0
         # One span for every sample: a query on one grid for all samples need normalise one column.
         self._uniform_span = all(not torch.is_tensor(x) or x.numel() == 1 for x in (t0, t1))
@@ -204,8 +211,8 @@ class VirtualBrownianTree:
             self.depth = 20
         else:
             ratio = (self._len / torch.as_tensor(tol, **f64)).max().item()
-            if not ratio > 0:
-                raise ValueError("tol must be positive")
+            if not (ratio > 0 and math.isfinite(ratio)):
+                raise ValueError(f"tol must be positive and finite; got {tol!r}")
             self.depth = max(0, min(_MAX_DEPTH, math.ceil(math.log2(ratio) - 1e-12)))
         self.tol = self._len * 2.0**-self.depth  # effective per-sample resolution
 

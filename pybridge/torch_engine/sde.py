@@ -178,7 +178,9 @@ class SDEMethod:
         if noise is not None:
             return noise
         area = self.needs_area
-        s, t = tau, torch.minimum(tau + h, self.t_end)
+        # A Brownian path is nowhere differentiable in time: no gradient flows into the query times
+        # (with differentiable_dt the step times carry a graph; through the tree it would be NaN).
+        s, t = tau.detach(), torch.minimum(tau + h, self.t_end).detach()
         if self.ahead is not None:
             dW, H = self.ahead(s, t, h, area)
             return self._shape(dW, h), (None if H is None else self._shape(H, h))
