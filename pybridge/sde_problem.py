@@ -10,7 +10,7 @@ INTERPRETATIONS = ("ito", "stratonovich")
 
 
 class SDEProblem(ODEProblem):
-    """dy = f(t, y) dt + g(t, y) ∘dW, y(t[0]) = y0, saved at the times t (increasing).
+    """dy = f(t, y) dt + g(t, y) dW (Itô; ∘dW with interpretation="stratonovich"), y(t[0]) = y0, saved at the times t (increasing).
 
     f is the drift (as ODEProblem's f; for interpretation="stratonovich" the Stratonovich drift).
     g's output depends on `noise`:
