@@ -313,3 +313,31 @@ def test_gradcheck_adaptive():
     fd = torch.stack([(out(p.detach() + eps * e) - out(p.detach() - eps * e)) / (2 * eps)
                       for e in torch.eye(4, dtype=F64)])
     assert torch.allclose(g, fd, rtol=1e-3, atol=1e-5)
+
+
+def test_autodiff_jacobian_differentiates_at_a_detached_copy_of_the_state():
+    """The reverse-mode Jacobian takes autograd.grad of f at a leaf copy of y, so it never walks the
+    solve's history (with y's history attached, each step's Jacobian cost grew with the number of
+    steps before it: Rosenbrock23 with y0.requires_grad took 8 ms per step at 400 steps, 60 ms at
+    1600). J stays a function of y and of f's parameters: d/dy0 and d/da of a loss on J equal the
+    analytic ones."""
+    from pybridge.torch_engine.jacobian import AutodiffJacobian
+    a = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    y0 = torch.tensor([[0.3, -1.2], [2.0, 0.5]], dtype=torch.float64, requires_grad=True)
+    y = y0 * 1.5 + 0.1                       # a state with a history
+    seen = []
+
+    def rhs(t, y):
+        seen.append(y.grad_fn is None and y.requires_grad)
+        return torch.stack([a * y[:, 0] ** 2 * y[:, 1], -y[:, 1] ** 3], -1)
+
+    J, _ = AutodiffJacobian()(rhs, torch.zeros(2, dtype=torch.float64), y)
+    assert seen == [True]
+    u, v = y[:, 0], y[:, 1]
+    J_exact = torch.stack([torch.stack([2 * a * u * v, a * u ** 2], -1),
+                           torch.stack([torch.zeros_like(u), -3 * v ** 2], -1)], -2)
+    torch.testing.assert_close(J, J_exact, rtol=1e-14, atol=0)
+    g = torch.autograd.grad(J.square().sum(), (y0, a), retain_graph=True)
+    g_exact = torch.autograd.grad(J_exact.square().sum(), (y0, a))
+    for x, ref in zip(g, g_exact):
+        torch.testing.assert_close(x, ref, rtol=1e-12, atol=0)

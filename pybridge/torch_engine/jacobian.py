@@ -43,30 +43,38 @@ class AutodiffJacobian:
         B, n = y.shape
         graph = torch.is_grad_enabled()
         with torch.enable_grad():
-            # Keep y's own graph when it has one: J depends on y (and, through it, on y0).
-            y_in = y if (graph and y.requires_grad) else y.detach().requires_grad_(True)
+            # Differentiated at a detached copy of y: autograd.grad walks every node reachable from
+            # its output, so with y's own history attached each step's Jacobian would cost time in
+            # proportion to all the steps before it (a quadratic solve). _Reattach links J to y.
+            y_in = y.detach().requires_grad_(True)
             t_in = t.detach().requires_grad_(True)
             out = rhs(t_in, y_in)
             if not out.requires_grad:  # f depends on neither y nor t (nor anything differentiable)
                 return y.new_zeros(B, n, n), False
             # A graph for J only when something upstream can receive gradients (y's history or a
             # parameter of f): otherwise a no-grad user would get a solution that requires grad.
-            graph = graph and (y_in is y or _reaches_other_leaf(out, (y_in, t_in)))
+            track_y = graph and y.requires_grad
+            graph = graph and (track_y or _reaches_other_leaf(out, (y_in, t_in)))
             basis = torch.eye(n, dtype=y.dtype, device=y.device)[:, None, :].expand(n, B, n)
+            J = None
             if self.batched_ok:
                 try:
                     rows, dt_rows = torch.autograd.grad(out, (y_in, t_in), basis, create_graph=graph,
                                                         allow_unused=True, is_grads_batched=True)
-                    return _rows_to_jacobian(rows, y), dt_rows is not None
+                    J, uses_time = _rows_to_jacobian(rows, y), dt_rows is not None
                 except (RuntimeError, NotImplementedError):
                     self.batched_ok = False
-            rows, uses_time = [], False
-            for i in range(n):
-                r, r_t = torch.autograd.grad(out, (y_in, t_in), basis[i], create_graph=graph, retain_graph=True,
-                                             allow_unused=True)
-                rows.append(r if r is not None else torch.zeros_like(y))
-                uses_time = uses_time or r_t is not None
-            return _rows_to_jacobian(torch.stack(rows), y), uses_time
+            if J is None:
+                rows, uses_time = [], False
+                for i in range(n):
+                    r, r_t = torch.autograd.grad(out, (y_in, t_in), basis[i], create_graph=graph,
+                                                 retain_graph=True, allow_unused=True)
+                    rows.append(r if r is not None else torch.zeros_like(y))
+                    uses_time = uses_time or r_t is not None
+                J = _rows_to_jacobian(torch.stack(rows), y)
+            if track_y and J.requires_grad:
+                J = _Reattach.apply(y, J, y_in)
+            return J, uses_time
 
     @staticmethod
     def _time_derivative(rhs, t, y):
@@ -110,6 +118,24 @@ def _functional_jacobian(rhs, t, y):
     torch.compile can trace); samples are independent, so row i of Σ_b f_b is row i of every J_b."""
     rows = torch.func.jacrev(lambda yy: rhs(t, yy).sum(0))(y)  # (n, B, n)
     return rows.transpose(0, 1)
+
+
+class _Reattach(torch.autograd.Function):
+    """J(y_d), computed at a detached copy y_d of y, as a function of y itself: the gradient that
+    reaches J goes on into J's own graph (f's parameters) and, through ∂J/∂y_d, to y. That
+    backward pass walks J's short graph back to y_d, never the solve's history before y."""
+
+    @staticmethod
+    def forward(ctx, y, J, y_d):
+        ctx.save_for_backward(J)
+        ctx.y_d = y_d
+        return J.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_J):
+        (J,) = ctx.saved_tensors
+        (grad_y,) = torch.autograd.grad(J, ctx.y_d, grad_J, retain_graph=True, allow_unused=True)
+        return grad_y, grad_J, None
 
 
 def _reaches_other_leaf(out, own_leaves):
