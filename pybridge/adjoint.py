@@ -258,25 +258,38 @@ class _Backward:
                 else y.new_zeros(0))
         return fy.detach().reshape(self.B, self.n), g_y, g_th
 
-    def _y_source(self, j):
-        """t (B, Q) -> y (Q, B, n) from the forward's dense output or a checkpoint re-solve."""
+    def _y_source(self, j, idle):
+        """t (B, Q) -> y (Q, B, n) from the forward's dense output or a checkpoint re-solve. idle (B,):
+        samples whose cotangent at t_{j+1} is zero; it stays zero over the interval whatever y is."""
         interp = self.dense
         if interp is None:
             from .problem import ODEProblem
             t = self.prob.t[..., j:j + 2]
-            y0 = self.ys[j].reshape(self.shape)
-            sol = self._solve(ODEProblem(self.f, y0, t, batched=self.prob.batched),
-                              dict(self.opts, dense=True), what=f"checkpoint re-solve of interval {j}")
-            interp = sol._interpolant
+            # An idle sample needs no y: it re-solves from a finite placeholder (its value at t_j, or
+            # its start), whatever the outcome, and reads that constant. So a sample whose forward
+            # solve failed (NaN from some t on; its re-solve might fail again) and whose values the
+            # loss does not use leaves the others' gradients as without checkpoints.
+            y0 = torch.where(torch.isfinite(self.ys[j]).all(-1, keepdim=True), self.ys[j], self.ys[0])
+            sol = self._solve(ODEProblem(self.f, y0.reshape(self.shape), t, batched=self.prob.batched),
+                              dict(self.opts, dense=True), what=f"checkpoint re-solve of interval {j}",
+                              ignore=idle)
+            re_solved = sol._interpolant
+
+            def interp(tq, extrapolate):
+                vals = re_solved(tq, extrapolate=extrapolate).reshape(tq.shape[1], self.B, self.n)
+                return torch.where(idle[:, None], y0, vals)
         # Some implicit methods evaluate stages past the step's end (Kvaerno5: c₃ ≈ 1.23), so a
         # backward step ending at t_j may ask for y slightly outside the interval: extrapolate.
         return lambda tq: interp(tq, extrapolate=True).reshape(tq.shape[1], self.B, self.n)
 
-    def _solve(self, aug_prob, opts, what):
+    def _solve(self, aug_prob, opts, what, ignore=None):
+        """ignore (B,): samples whose outcome does not matter (placeholders for failed ones)."""
         from .torch_engine.engine import solve_ode
         from .solution import ReturnCode
         sol = solve_ode(aug_prob, self.solver, differentiable_dt=False, **opts)
         bad = sol.retcode != ReturnCode.Success
+        if ignore is not None:
+            bad = bad & ~ignore.reshape(bad.shape)
         if bad.any():
             codes = sorted({ReturnCode(int(c)).name for c in sol.retcode.reshape(-1)[bad.reshape(-1)]})
             raise RuntimeError(f"{type(self.adj).__name__}: the {what} failed ({', '.join(codes)}); "
@@ -310,7 +323,7 @@ class _Backward:
         B, n, adj = self.B, self.n, self.adj
         t0, dlt = self.t[:, j], self.t[:, j + 1] - self.t[:, j]
         time = lambda s: t0 + s * dlt  # s: 0-d (whole batch) or (B,) (per sample) -> (B,)
-        y_at = None if adj.carries_y else self._y_source(j)
+        y_at = None if adj.carries_y else self._y_source(j, idle=(a.reshape(B, n) == 0).all(-1))
         k = 1 + adj.carries_y
         Bn = B * n
 
