@@ -45,9 +45,8 @@ def odeint(func, y0, t, *, rtol: float = 1e-7, atol: float = 1e-9, method: str |
     if isinstance(t, torch.Tensor) and t.dim() == 1 and t.shape[0] == 1:
         return y0[None]  # (torchdiffeq returns the initial state alone)
     solver = METHODS[method]()
-    intervals = (t.shape[0] - 1) if isinstance(t, torch.Tensor) and t.dim() == 1 else 1
-    if "max_steps" in kwargs:  # torchdiffeq counts the steps of each interval of t
-        kwargs["max_steps"] *= max(intervals, 1)
+    if "max_steps" in kwargs and isinstance(t, torch.Tensor) and t.dim() == 1:
+        kwargs["max_steps"] *= max(t.shape[0] - 1, 1)  # torchdiffeq counts the steps of each interval of t
     if not solver.adaptive and "dt" not in kwargs:
         return _fixed_on_grid(func, y0, t, solver, rtol, atol, kwargs)
     prob = ODEProblem(func, y0, t, batched=False)

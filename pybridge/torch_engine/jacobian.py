@@ -134,7 +134,9 @@ class _Reattach(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_J):
         (J,) = ctx.saved_tensors
-        (grad_y,) = torch.autograd.grad(J, ctx.y_d, grad_J, retain_graph=True, allow_unused=True)
+        # (grad mode is on here exactly when the caller asked for a graph of this backward)
+        (grad_y,) = torch.autograd.grad(J, ctx.y_d, grad_J, retain_graph=True, allow_unused=True,
+                                        create_graph=torch.is_grad_enabled())
         return grad_y, grad_J, None
 
 

@@ -155,8 +155,8 @@ class Advance:
         # FSAL, f(t1, y1) is one more batched call, for every sample (rejected ones: values unused).
         t_end = torch.where(hit, target, tau + h)
         f_end = method.end_derivative(step)
-        extra_eval = None
-        if f_end is None:
+        evaluated_end = f_end is None
+        if evaluated_end:
             f_end = self.rhs(t_end if frozen is None else torch.where(frozen, tau, t_end), step.y1)
         if self.end_in_error_estimate:  # (a non-finite last stage already makes EEst infinite)
             finite_y1 = rows_finite(step.y1)
@@ -182,8 +182,7 @@ class Advance:
         tau_new = torch.where(accept, t_end, tau)
         accept_col = accept[:, None]
         y_new = torch.where(accept_col, step.y1, y)
-        if method.end_derivative(step) is None:
-            extra_eval = accept  # (charged to the samples whose step it ends)
+        extra_eval = accept if evaluated_end else None  # (charged to the samples whose step it ends)
         k1 = torch.where(accept_col, f_end, k1)
         stiff, stiff_terms = None, None
         if self.defer_stiffness:
