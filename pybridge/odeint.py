@@ -47,17 +47,14 @@ def odeint(func, y0, t, *, rtol: float = 1e-7, atol: float = 1e-9, method: str |
     solver = METHODS[method]()
     if "max_steps" in kwargs and isinstance(t, torch.Tensor) and t.dim() == 1:
         kwargs["max_steps"] *= max(t.shape[0] - 1, 1)  # torchdiffeq counts the steps of each interval of t
+    prob = ODEProblem(func, y0, t, batched=False)  # (checks y0 and t)
     if not solver.adaptive and "dt" not in kwargs:
-        return _fixed_on_grid(func, y0, t, solver, rtol, atol, kwargs)
-    prob = ODEProblem(func, y0, t, batched=False)
+        return _fixed_on_grid(func, y0, prob.t, solver, rtol, atol, kwargs)
     return solve(prob, solver, rtol=rtol, atol=atol, raise_on_failure=True, **kwargs).ys
 
 
 def _fixed_on_grid(func, y0, t, solver, rtol, atol, kwargs):
     """torchdiffeq's fixed grid without a step size: one step from each time of t to the next."""
-    if not (isinstance(t, torch.Tensor) and t.dim() == 1 and t.shape[0] >= 2):
-        # (the checks of ODEProblem give the message)
-        return solve(ODEProblem(func, y0, t, batched=False), solver, dt=1.0, raise_on_failure=True).ys
     ys = [y0]
     for t0, t1 in zip(t[:-1], t[1:]):
         prob = ODEProblem(func, ys[-1], torch.stack([t0, t1]), batched=False)

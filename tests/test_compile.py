@@ -121,12 +121,13 @@ def test_graph_forms_of_stage_sums_and_jacobian_norm(n):
     """Inside a compiled graph the stage sums and ‖J‖∞ are unrolled into pointwise ops (tableau.combine,
     jacobian.inf_norm); they give the eager forms' values and gradients (n = 40: the reduction again)."""
     from pybridge.torch_engine.jacobian import inf_norm
-    from pybridge.torch_engine.tableau import combine
+    from pybridge.torch_engine.tableau import StageWeights, combine
     g = torch.Generator().manual_seed(n)
     J = torch.randn(6, n, n, dtype=torch.float64, generator=g, requires_grad=True)
     terms = [torch.randn(6, n, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(4)]
     w = [0.5, -1.25, 0.0, 2.0]
-    both = lambda J, *terms: (inf_norm(J), combine(list(terms), torch.tensor(w, dtype=torch.float64), w))  # noqa: E731
+    weights = StageWeights(w, torch.float64, torch.device("cpu"))
+    both = lambda J, *terms: (inf_norm(J), combine(list(terms), weights))  # noqa: E731
     eager = both(J, *terms)
     graph = torch.compile(both, backend="eager", fullgraph=True)(J, *terms)
     for a, b in zip(graph, eager):

@@ -6,7 +6,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .controller import Norm, _safe_sqrt
-from .tableau import ButcherTableau, combine, combine_rows
+from .tableau import ButcherTableau, StageWeights, combine, combine_rows
 
 
 class RKStep(NamedTuple):
@@ -34,12 +34,10 @@ class ExplicitRK:
         s = tableau.stages
         self.c = [float(ci) for ci in tableau.c]
         self.c_col = as_tensor(self.c)[:, None]  # (s, 1): stage times for a (B,) batch as one (s, B) op
-        # Row i combines the i previous stages with one matrix-vector product.
-        self.a_rows = [as_tensor(list(tableau.a[i])) for i in range(s)]
-        self.a_values = [[float(x) for x in tableau.a[i]] for i in range(s)]
+        # Row i combines the i previous stages (tableau.combine).
+        self.a_rows = [StageWeights(list(tableau.a[i]), dtype, device) for i in range(s)]
         weights = [list(tableau.b)] + ([list(tableau.b_error)] if tableau.b_error is not None else [])
-        self.weight_values = [[float(x) for x in w] for w in weights]
-        self.weights = as_tensor(weights).T  # (s, 1 or 2): solution and error in one product
+        self.weights = StageWeights(weights, dtype, device)  # solution and error sums at once
         self.dense = as_tensor([list(r) for r in tableau.dense]) if tableau.dense is not None else None
         self.stiffness_pair = tableau.stiffness_pair
         self.interpolation_order = tableau.dense_order if tableau.dense is not None else 3
@@ -62,12 +60,12 @@ class ExplicitRK:
         args = {0: y}
         keep = set(self.stiffness_pair)
         for i in range(1, s):
-            yi = torch.addcmul(y, hcol, combine(ks, self.a_rows[i], self.a_values[i]))
+            yi = torch.addcmul(y, hcol, combine(ks, self.a_rows[i]))
             if i in keep or (self.fsal and i == s - 1):
                 args[i] = yi
             ks.append(rhs(times[i], yi))
         K = torch.stack(ks, 1) if s > 1 else k1[:, None]  # (B, s, n)
-        combo = combine_rows(ks, self.weights, self.weight_values, K.mT)
+        combo = combine_rows(ks, self.weights, K.mT)
         # FSAL: the last stage is evaluated at y1, so its argument *is* the solution.
         y1 = args[s - 1] if self.fsal else torch.addcmul(y, hcol, combo[0])
         err = hcol * combo[1] if self.adaptive else None

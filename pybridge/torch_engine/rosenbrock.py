@@ -14,7 +14,7 @@ import torch
 from . import linear_solve
 from .jacobian import AutodiffJacobian, inf_norm
 from .rosenbrock_tableaus import RosenbrockTableau
-from .tableau import combine, combine_rows
+from .tableau import StageWeights, combine, combine_rows
 
 
 class RosenbrockStep(NamedTuple):
@@ -45,13 +45,10 @@ class Rosenbrock:
         self.c = [float(x) for x in tableau.c]
         self.d = [float(x) for x in tableau.d]
         s = tableau.stages
-        self.A_rows = [as_tensor(tableau.A[i][:i]) for i in range(s)]
-        self.C_rows = [as_tensor(tableau.C[i][:i]) for i in range(s)]
-        self.A_values = [[float(x) for x in tableau.A[i][:i]] for i in range(s)]
-        self.C_values = [[float(x) for x in tableau.C[i][:i]] for i in range(s)]
+        self.A_rows = [StageWeights(list(tableau.A[i][:i]), dtype, device) for i in range(s)]
+        self.C_rows = [StageWeights(list(tableau.C[i][:i]), dtype, device) for i in range(s)]
         self.uses_A = [any(x != 0 for x in tableau.A[i][:i]) for i in range(s)]
-        self.weights = as_tensor([list(tableau.b), list(tableau.btilde)]).T  # (s, 2)
-        self.weight_values = [[float(x) for x in w] for w in (tableau.b, tableau.btilde)]
+        self.weights = StageWeights([list(tableau.b), list(tableau.btilde)], dtype, device)
         self.dense = as_tensor([list(r) for r in tableau.dense])            # (D, s)
         self.jacobian = AutodiffJacobian()
 
@@ -73,17 +70,17 @@ class Rosenbrock:
                 fi, ui = k1, y
             else:
                 Ustack = None if compiling else torch.stack(Us, -1)  # (B, n, i)
-                ui = y + combine(Us, self.A_rows[i], self.A_values[i], Ustack) if self.uses_A[i] else y
+                ui = y + combine(Us, self.A_rows[i], Ustack) if self.uses_A[i] else y
                 fi = rhs(t + self.c[i] * h, ui)
             r = hcol * fi
             if self.d[i] != 0:
                 r = r + self.d[i] * h2T
             if i > 0:
-                r = r + combine(Us, self.C_rows[i], self.C_values[i], Ustack)
+                r = r + combine(Us, self.C_rows[i], Ustack)
             Us.append(solve(r))
             f_last, u_last = fi, ui
         U = torch.stack(Us, -1)             # (B, n, s)
-        sol_sum, err = combine_rows(Us, self.weights, self.weight_values, U)
+        sol_sum, err = combine_rows(Us, self.weights, U)
         # FSAL (Rosenbrock23): the last stage was evaluated at y1 itself; use exactly that point.
         y1 = u_last if self.fsal else y + sol_sum
         nan = torch.full_like(y1, float("nan"))

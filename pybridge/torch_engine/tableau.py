@@ -60,25 +60,41 @@ class ButcherTableau:
         return self.b_error is not None
 
 
-def combine(terms, weights, weight_values, stacked=None):
+class StageWeights:
+    """The weights of stage sums, kept in both forms `combine` uses: a tensor for the eager product
+    and Python floats for the compiled chain of multiply-adds. `weights` is one row of floats (one
+    sum; tensor (j,)) or a list of rows (several sums at once; tensor (j, m), one column per row)."""
+
+    def __init__(self, weights, dtype: torch.dtype, device: torch.device):
+        several = len(weights) > 0 and isinstance(weights[0], (list, tuple))
+        self.values = [[float(x) for x in row] for row in weights] if several else [float(x) for x in weights]
+        tensor = torch.tensor(self.values, dtype=dtype, device=device)
+        self.tensor = tensor.T if several else tensor
+
+
+def combine(terms, weights: StageWeights, stacked=None):
     """Σ_j weights[j] · terms[j] for a list of (B, n) tensors (`stacked`: them as (B, n, j), if at hand).
 
-    Eagerly, one stacked matrix-vector product (`weights` as a tensor): the fewest dispatched ops.
-    Inside a compiled graph, a chain of multiply-adds (`weight_values`, Python floats) that inductor
-    fuses into the step's vectorised pointwise kernels: its code for the stacked product's short
-    reduction is slower (7 stages of a (256, 20) batch: 108 against 49 µs per call, 2026-12-03).
-    Zero weights are kept, so that a non-finite term poisons the result in both forms alike."""
+    Eagerly, one stacked matrix-vector product: the fewest dispatched ops. Inside a compiled graph,
+    a chain of multiply-adds that inductor fuses into the step's vectorised pointwise kernels: its
+    code for the stacked product's short reduction is slower (7 stages of a (256, 20) batch: 108
+    against 49 µs per call, 2026-12-03). Zero weights are kept, so that a non-finite term poisons
+    the result in both forms alike."""
     if torch.compiler.is_compiling():
-        out = weight_values[0] * terms[0]
-        for w, x in zip(weight_values[1:], terms[1:]):
-            out = out + w * x
-        return out
-    return (torch.stack(terms, -1) if stacked is None else stacked) @ weights
+        return _chain(terms, weights.values)
+    return (torch.stack(terms, -1) if stacked is None else stacked) @ weights.tensor
 
 
-def combine_rows(terms, weights, rows, stacked=None):
+def combine_rows(terms, weights: StageWeights, stacked=None):
     """The sums of ``combine`` for several weight rows at once (a method's solution and error
-    weights): `weights` (j, m) for the eager product, `rows` its m columns as lists of floats."""
+    weights), as a tuple."""
     if torch.compiler.is_compiling():
-        return tuple(combine(terms, None, row) for row in rows)
-    return ((torch.stack(terms, -1) if stacked is None else stacked) @ weights).unbind(-1)
+        return tuple(_chain(terms, row) for row in weights.values)
+    return ((torch.stack(terms, -1) if stacked is None else stacked) @ weights.tensor).unbind(-1)
+
+
+def _chain(terms, values):
+    out = values[0] * terms[0]
+    for w, x in zip(values[1:], terms[1:]):
+        out = out + w * x
+    return out
