@@ -248,3 +248,29 @@ def test_guard_filter_drops_only_library_globals():
                G(is_global=False, guard_type="TENSOR_MATCH", name="L['args'][0]"),
                G(is_global=False, guard_type="GLOBAL_STATE", name="")]
     assert _library_guards_dropped(entries) == [False] * 7 + [True] * 9
+
+
+def test_each_kind_of_iteration_compiles_into_code_of_its_own():
+    """Dynamo tries a code object's cache entries in turn at every call, so two solvers sharing one
+    would make the later-compiled one pay for the other's failing guards (loop._compiled_call)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from pybridge.torch_engine import loop
+
+    def code_of(solver, **kw):
+        before = len(loop._compiled_kinds)
+        with torch.no_grad():
+            _solve(solver, compile=True, **kw)
+        kind = next(k for k in loop._compiled_kinds if k[2] == solver.name and k[3] == (kw.get("batch") == "lockstep")
+                    and k[4] is False)
+        fn = loop._compiled_call(True, kind)._torchdynamo_orig_callable
+        return fn.__code__, len(loop._compiled_kinds) - before
+
+    entries = lambda code: len(_debug_get_cache_entry_list(code))  # noqa: E731
+    tsit5, _ = code_of(pb.Tsit5())
+    tsit5_entries = entries(tsit5)
+    dp5, _ = code_of(pb.DP5(), batch="lockstep")
+    assert dp5 is not tsit5 and entries(dp5) >= 1
+    assert entries(tsit5) == tsit5_entries   # DP5's graph did not join Tsit5's cache
+    tsit5_again, new_kinds = code_of(pb.Tsit5())
+    assert tsit5_again is tsit5 and new_kinds == 0 and entries(tsit5) == tsit5_entries
