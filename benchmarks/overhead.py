@@ -308,7 +308,8 @@ def render(t_net, t_net_after, rows, ref_diff, curves, repeats, rounds, total):
          "(= batched network calls), mean in brackets. The CPU-time column is the same ratio with "
          "process CPU time in both numerator and denominator (less sensitive to other load on a shared machine). "
          "'First solve' is the warm-up solve's wall time: for `compile=True` rows it includes torch.compile's "
-         "compilation of the loop iteration (paid once per problem shape and solver in a process).", "",
+         "compilation of the loop iteration (paid once per problem shape and solver in a process; shorter "
+         "where an earlier process left the compiled code in inductor's on-disk cache).", "",
          f"### Overhead at rtol {RTOL:g} (target ≤ {OVERHEAD_TARGET}; issue quotes torchdiffeq ≈ "
          f"{TORCHDIFFEQ_ISSUE_OVERHEAD})", "",
          "| solver | wall (ms) | first solve (ms) | NFE (mean) | f call (µs) | solver cost per call (µs) | overhead "
