@@ -130,6 +130,22 @@ def test_adaptive_tolerance_and_trace():
     assert errs[1] < errs[0] / 3 and errs[1] < 2e-2, errs
 
 
+@pytest.mark.parametrize("interpretation", ["ito", "stratonovich"])
+def test_adaptive_rkmil_error_follows_the_tolerance(interpretation):
+    """RKMil's noise error term is ΔW³ (g g')²/6; with a drift in place of g g' (upstream's
+    out-of-place cache) the estimate shrank like √h and a solve at rtol 1e-3 stalled at MaxIters."""
+    B = 20
+    bm = tree(B, tol=2.0 ** -14)
+    exact = gbm_exact(bm(0.0, 1.0), interpretation)
+    errs, steps = [], []
+    for tol in (1e-2, 1e-3, 1e-4):
+        sol = pb.solve(gbm(B, interpretation), pb.RKMil(), rtol=tol, atol=tol, brownian=bm, max_steps=5000)
+        assert sol.success, tol
+        errs.append((sol.ys[-1] - exact).abs().mean().item())
+        steps.append(sol.stats.naccept.double().mean().item())
+    assert errs[2] < errs[0] / 5 and steps[2] < 2000, (errs, steps)
+
+
 def test_rejections_do_not_change_the_path():
     """Re-solving with fixed steps on the grid an adaptive solve accepted (no rejections there)
     reproduces it: the rejected attempts drew nothing that changed the Brownian path."""
