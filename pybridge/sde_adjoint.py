@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from .adjoint import Adjoint, DiscreteAdjoint, _check_closure
+from .solution import ReturnCode
 
 
 class ReversibleAdjoint(Adjoint):
@@ -88,8 +89,24 @@ class _ReversibleFunction(torch.autograd.Function):
         t_start = torch.cat([tau_save[:, :1], t_end[:, :-1]], 1)  # a step starts where the previous ended
         # Saves sit exactly on step ends (stop_at_saves): which saves belong to the node after step j.
         at_node = (t_end[:, :, None] == tau_save[:, None, 1:]) & mask[..., None]  # (B, N, T-1)
-        if not bool((at_node.sum(1) == 1).all()):
-            raise RuntimeError("ReversibleAdjoint: a save time is not a step end (did the solve fail?)")
+        # A failed sample's saves after its last step are NaN constants, with no node and no gradient.
+        tau_last = t_end.gather(1, (mask.sum(1, keepdim=True) - 1).clamp(min=0))[:, 0]
+        reached = tau_save[:, 1:] <= tau_last[:, None]
+        if not bool(((at_node.sum(1) == 1) | ~reached).all()):
+            raise RuntimeError("ReversibleAdjoint: a save time is not a step end")
+        # A sample the loss does not use stays at its last node: reconstructing a failed one
+        # backwards could overflow, and a zero cotangent times an infinite derivative is NaN.
+        used = G.flatten(1).ne(0).any(1)
+        mask = mask & used[:, None]
+        # A failed sample that the loss does use cannot be walked back from its blow-up.
+        failed_used = used & (st["status"] != int(ReturnCode.Success))
+        if bool(failed_used.any()):
+            i = int(failed_used.nonzero()[0, 0])
+            raise RuntimeError(
+                f"ReversibleAdjoint: sample {i} failed ({ReturnCode(int(st['status'][i])).name} at "
+                f"t={float(tau_last[i]):g}) and the loss uses its values; its states cannot be reconstructed "
+                "backwards from where it blew up. Use adjoint=pb.DiscreteAdjoint() (backprop), or leave "
+                "the failed samples (sol.retcode != 0) out of the loss")
         save_grad = lambda j: torch.einsum("bt,btn->bn", at_node[:, j].to(G.dtype), G[:, 1:])  # noqa: E731
 
         def fg(tau, yh):
@@ -101,8 +118,7 @@ class _ReversibleFunction(torch.autograd.Function):
 
         z = st["final_state"]
         y, yh = z[:, :n].detach(), z[:, n:].detach()
-        tau_node = t_end.gather(1, (mask.sum(1, keepdim=True) - 1).clamp(min=0))[:, 0]
-        tau_cur = tau_node
+        tau_cur = tau_last
         leaf, mu, sig = fg(tau_cur, yh)
         ybar = torch.zeros_like(y)
         yhbar = torch.zeros_like(y)  # partial: the direct use of ŷ by the later step

@@ -229,6 +229,36 @@ def test_reversible_adjoint_matches_backprop():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
+def test_a_blown_up_reversible_heun_sample_keeps_the_others_gradients_finite():
+    """dy = a y³ dt + 0.1 y∘dW blows up from y0 = 50 at once (from 1.2 near t = 0.35). The failed
+    sample's h = 0 steps must not evaluate the drift at 2y − ŷ (which overflows: NaN gradients for a),
+    and the reversible adjoint must not walk it back from the blow-up; a loss that does use its
+    values gets an error saying so."""
+    a = torch.tensor(1.0, dtype=D, requires_grad=True)
+    t = torch.linspace(0.0, 1.0, 5, dtype=D)
+
+    def solve(y_failing, **kw):
+        y0 = torch.tensor([[0.5], [y_failing], [0.3]], dtype=D, requires_grad=True)
+        prob = pb.SDEProblem(lambda t, y: a * y ** 3, lambda t, y: 0.1 * y, y0, t, interpretation="stratonovich")
+        with pytest.warns(RuntimeWarning, match="sample 1: Unstable"):
+            return y0, pb.solve(prob, pb.ReversibleHeun(), adaptive=False, dt=0.01, seed=0, **kw)
+
+    reversible = dict(adjoint=pb.ReversibleAdjoint(), adjoint_params=(a,))
+    for y_failing in (50.0, 1.2):
+        grads = []
+        for kw in ({}, reversible):
+            y0, sol = solve(y_failing, **kw)
+            grads.append(torch.autograd.grad(sol.ys[-1, [0, 2]].sum(), (a, y0)))
+        (ga_bp, gy_bp), (ga_rev, gy_rev) = grads
+        assert torch.isfinite(ga_bp) and torch.isfinite(gy_bp).all() and gy_bp[1] == 0
+        torch.testing.assert_close(ga_rev, ga_bp, rtol=1e-9, atol=0)
+        torch.testing.assert_close(gy_rev, gy_bp, rtol=1e-9, atol=0)
+
+    _, sol = solve(1.2, **reversible)
+    with pytest.raises(RuntimeError, match="sample 1 failed .Unstable.*DiscreteAdjoint"):
+        torch.autograd.grad(sol.ys[1, 1].sum(), a)   # t = 0.25: finite, before the blow-up
+
+
 def test_reversible_heun_reconstructs_backwards():
     """The algebraic inverse of a reversible Heun solve recovers y0 to rounding."""
     model = NeuralSDE()

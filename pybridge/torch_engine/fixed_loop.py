@@ -239,7 +239,8 @@ def integrate_fixed(rhs, method, tau_save, y0, atol, rtol, opts, grid: StepGrid,
     trace["mask"] = mask
     status = torch.where(stopped, int(ReturnCode.Unstable), int(ReturnCode.Success))
     return LoopResult(ys=ys, status=status, nfe=nfe, naccept=naccept, nreject=iters - naccept, counters={},
-                      trace=trace, dense=None, tau=tau, dt=torch.full((B,), float(opts.dt), dtype=dtype, device=device))
+                      trace=trace, dense=None, tau=tau, dt=torch.full((B,), float(opts.dt), dtype=dtype, device=device),
+                      y_end=y)
 
 
 def _stepped_saves(y0, vals, alive, steps, T):

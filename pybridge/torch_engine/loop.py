@@ -67,6 +67,7 @@ class LoopResult:
     dt: torch.Tensor                    # (B,) its last step size
     probe: Optional[tuple] = None       # (tau_reg, y_reg) for local regularization, detached
     counters: Optional[dict] = None     # extra per-sample counts a method reports (njac, nlu, ...)
+    y_end: Optional[torch.Tensor] = None  # (B, n) each sample's last state (a failed one's last finite)
 
 
 class Iteration(NamedTuple):
@@ -530,7 +531,7 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
     return LoopResult(ys=ys, status=status, nfe=nfe, naccept=naccept, nreject=iters - naccept, counters=counters,
                       trace=_compact(trace, "accept"),
                       dense=_compact(dense, None, trace["accept"]) if dense else None, tau=tau, dt=dt,
-                      probe=(probe_tau, probe_y) if opts.probe is not None else None)
+                      probe=(probe_tau, probe_y) if opts.probe is not None else None, y_end=y)
 
 
 def _count_while_active(active_steps, counts):

@@ -408,6 +408,9 @@ class ReversibleHeun(SDEMethod):
         y, yh = z[:, :self.n], z[:, self.n:]
         mu, sig = self.split_k(k1)
         yh1 = 2 * y - yh + hc * mu + self.g.times(sig, dW)
+        # h = 0 (a stopped sample, for the graph's sake: loop.py) must leave the state as it is: ŷ,
+        # not 2y − ŷ, whose drift may overflow and turn the discarded step's gradient NaN.
+        yh1 = torch.where(hc == 0, yh, yh1)
         k_end = rhs(tau + h, torch.cat([y, yh1], 1))
         mu1, sig1 = self.split_k(k_end)
         y1 = y + hc * (mu + mu1) / 2 + self.g.times((sig + sig1) / 2, dW)
@@ -570,7 +573,7 @@ def solve_sde(prob, solver, *, rtol, atol, dt, adaptive, dtmin, dtmax, max_steps
         rhs = AugmentedRHS(drift, g, n)
         y0_flat = torch.cat([y0_flat, y0_flat], 1)
     res = integrate(rhs, method, tau_save, y0_flat, atol_c, rtol_c, opts)
-    final_state = res.ys[-1]
+    final_state = res.y_end   # (a failed sample's last finite state; its later saves are NaN)
     if reversible:
         res.ys = res.ys[..., :n]
     sol = _to_solution(res, prob, solver, method, direction)
@@ -579,5 +582,5 @@ def solve_sde(prob, solver, *, rtol, atol, dt, adaptive, dtmin, dtmax, max_steps
     sol.extras["brownian"] = bm
     if keep_state:
         sol.extras["_sde_internals"] = dict(drift=drift, diffusion=g, method=method, final_state=final_state,
-                                            trace=res.trace, tau_save=tau_save, n=n)
+                                            trace=res.trace, tau_save=tau_save, n=n, status=res.status)
     return sol
