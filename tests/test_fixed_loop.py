@@ -101,6 +101,27 @@ def test_step_grid_lands_on_saves_and_end():
     assert step_grid(row, 1e-4, stop_at_saves=False, max_steps=100) is None  # over max_steps
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fixed_steps_end_on_the_dt_grid_without_a_sliver(monkeypatch, dtype):
+    """dt = 0.001 on [0, 2]: 2000 steps, as torchdiffeq and OrdinaryDiffEq take. Summing t + dt
+    2000 times misses t = 2 by ~1e-13 and took a 2001st step that long; steps now end on t0 + k·dt
+    (after a save point they stop at, on that point + k·dt), in both loops alike."""
+    y0 = torch.ones(3, 1, dtype=dtype)
+    t = torch.tensor([0.0, 2.0], dtype=dtype)
+    lean, ref = both(monkeypatch, lambda: pb.solve(pb.ODEProblem(lambda t, y: -y, y0, t), pb.RK4(), dt=0.001))
+    assert_same(lean, ref, tol=0)
+    assert lean.stats.naccept.tolist() == [2000] * 3
+    dts = lean.trace.dt[0]
+    torch.testing.assert_close(dts, torch.full_like(dts, 0.001), rtol=1e-3 if dtype == torch.float32 else 1e-12,
+                               atol=0)
+    ts = torch.tensor([0.0, 0.2505, 2.0], dtype=D)   # an SDE stops at the save point, then on 0.2505 + k·dt
+    sde = pb.SDEProblem(lambda t, y: -y, lambda t, y: 0.2 * y, y0.double(), ts)
+    lean, ref = both(monkeypatch, lambda: pb.solve(sde, pb.EM(), adaptive=False, dt=0.001, seed=0))
+    assert_same(lean, ref, tol=0)
+    assert lean.stats.naccept.tolist() == [251 + 1750] * 3
+    assert float(lean.trace.dt[0].min()) > 0.0004
+
+
 def blow_up(rate):
     return lambda t, y: rate * y * y  # y' = y² from y0 = 3 overflows near t = 1/3
 

@@ -73,9 +73,12 @@ def step_grid(row: np.ndarray, dt: float, stop_at_saves: bool, max_steps: int) -
         target = row[next_save] if stop_at_saves else tau_end
         slack = max(abs(target), one) * slack_factor
         remaining = target - tau
-        hit = h >= remaining - slack
-        step = remaining if hit else h
-        tau_new = target if hit else tau + step
+        origin = row[next_save - 1] if stop_at_saves else row[0]   # steps end on origin + k·dt
+        grid_end = origin + (np.round((tau - origin) / h) + one) * h
+        h_grid = grid_end - tau
+        hit = h_grid >= remaining - slack
+        step = remaining if hit else h_grid
+        tau_new = target if hit else grid_end
         starts.append(tau)
         ends.append(tau_new)
         sizes.append(step)

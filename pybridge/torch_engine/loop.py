@@ -121,7 +121,8 @@ class Advance:
         self.stop_diverged = not opts.adaptive or opts.lockstep
 
     def aim(self, tau, dt, active, next_save):
-        """(target, hit, h): the time each sample aims at, whether this step lands on it, the step."""
+        """(target, hit, h, end): the time each sample aims at, whether this step lands on it, the
+        step and the time it ends at."""
         # Steps never pass the end, nor, for methods without a good interpolant, the next save point.
         if self.opts.stop_at_saves:
             T = self.tau_save.shape[1]  # (only here: the save times are otherwise not in the graph)
@@ -132,9 +133,20 @@ class Advance:
         else:
             target, slack = self.tau_end, self.end_slack
         remaining = target - tau
-        hit = active & (dt >= remaining - slack)
-        h = torch.where(hit, remaining, torch.where(active, dt, self.zero))   # hit ⊆ active
-        return target, hit, h
+        if self.opts.adaptive:
+            hit = active & (dt >= remaining - slack)
+            h = torch.where(hit, remaining, torch.where(active, dt, self.zero))   # hit ⊆ active
+            return target, hit, h, torch.where(hit, target, tau + h)
+        # Fixed steps end on origin + k·dt (origin: the start, or the save point last stopped at), not
+        # on a running sum, whose rounding adds up to a sliver of a last step (dt = 0.001 on [0, 2]:
+        # a 2001st step of 1e-13). As OrdinaryDiffEq (PR #3441); fixed_loop.step_grid does the same.
+        origin = (torch.gather(self.tau_save, 1, (next_save - 1).clamp(min=0)[:, None])[:, 0]
+                  if self.opts.stop_at_saves else self.tau_save[:, 0])
+        grid_end = origin + (torch.round((tau - origin) / dt) + 1) * dt
+        h_grid = grid_end - tau
+        hit = active & (h_grid >= remaining - slack)
+        h = torch.where(hit, remaining, torch.where(active, h_grid, self.zero))
+        return target, hit, h, torch.where(hit, target, grid_end)
 
     def __call__(self, tau, y, dt, k1, errold, status, active, next_save, noise=None, frozen=None) -> Iteration:
         """noise: an SDE step's Brownian increments over [tau, tau + h], drawn beforehand (compiled
@@ -142,7 +154,7 @@ class Advance:
         this iteration already found non-finite; they step with h = 0 and are judged as before
         (rejected, EEst = inf), so that no non-finite value enters the autograd graph."""
         opts, method, code = self.opts, self.method, self.code
-        target, hit, h = self.aim(tau, dt, active, next_save)
+        target, hit, h, t_end = self.aim(tau, dt, active, next_save)
         h_step, judged = h, active
         if frozen is not None:  # (the controller still sees the step it would have taken)
             h_step, judged = torch.where(frozen, self.zero, h), active & ~frozen
@@ -155,7 +167,6 @@ class Advance:
         # finite for the step to count (with h = 0, a stopped or frozen sample's stage y + 0·f would
         # otherwise be NaN, and so would the gradients of parameters the samples share). Without
         # FSAL, f(t1, y1) is one more batched call, for every sample (rejected ones: values unused).
-        t_end = torch.where(hit, target, tau + h)
         f_end = method.end_derivative(step)
         evaluated_end = f_end is None
         if evaluated_end:
