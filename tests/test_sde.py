@@ -1,6 +1,7 @@
 """SDE solvers on the torch engine: strong/weak convergence against exact solutions on the same
 Brownian path (../shared/problems/README.md), adaptivity, gradients, the reversible adjoint, errors."""
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -316,6 +317,18 @@ def test_scalar_and_matrix_additive_noise():
     assert pb.solve(prob, pb.SRA1(), brownian=bm3).success
 
 
+def test_additive_noise_with_a_state_dependent_g_warns():
+    y0 = torch.ones(3, 2, dtype=D)
+    t = torch.tensor([0.0, 1.0], dtype=D)
+    with pytest.warns(RuntimeWarning, match="noise='additive' says g does not depend on y"):
+        pb.solve(pb.SDEProblem(lambda t, y: -y, lambda t, y: 0.1 * y, y0, t, noise="additive"), pb.SRA1(), seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sol = pb.solve(pb.SDEProblem(lambda t, y: -y, lambda t, y: 0.1 * torch.ones_like(y), y0, t, noise="additive"),
+                       pb.SRA1(), seed=0)
+    assert sol.success
+
+
 def test_nonfinite_sample_fails_alone():
     B = 4
     y0 = torch.tensor([[0.5], [0.5], [1e200], [0.5]], dtype=D)
@@ -364,6 +377,9 @@ def test_bad_inputs():
         pb.solve(pb.SDEProblem(f, g, y0, t), pb.EM())
     with pytest.raises(ValueError, match=r"brownian has shape \(5, 2\)"):
         pb.solve(pb.SDEProblem(f, g, y0, t), pb.EM(), dt=0.1, brownian=pb.VirtualBrownianTree(0.0, 1.0, (5, 2)))
+    with pytest.raises(ValueError, match=r"brownian has dtype torch.float32; this problem's y0 is torch.float64"):
+        pb.solve(pb.SDEProblem(f, g, y0, t), pb.EM(), dt=0.1,
+                 brownian=pb.VirtualBrownianTree(0.0, 1.0, (3, 2), dtype=torch.float32))
     with pytest.raises(ValueError, match="needs the space-time Lévy area"):
         pb.solve(pb.SDEProblem(f, g, y0, t), pb.SOSRI(), brownian=pb.VirtualBrownianTree(0.0, 1.0, (3, 2)))
     with pytest.raises(ValueError, match="needs solver=pb.ReversibleHeun"):

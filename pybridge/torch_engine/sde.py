@@ -13,6 +13,7 @@ Noise modes (how g multiplies an increment v of shape (B, m)):
 """
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
@@ -66,6 +67,20 @@ class Diffusion:
             raise ValueError(f"g returned shape {tuple(out.shape)}, which does not match noise={noise!r}: "
                              f"expected {allowed}")
         check_output(out.reshape(state) if self.mode != "matrix" else out[..., 0], self.prob.y0, state)
+        if noise == "additive":
+            self._warn_if_state_dependent(t0, out)
+
+    def _warn_if_state_dependent(self, t0, out):
+        """Additive-noise methods (SRA, and Itô = Stratonovich) assume g(t, y) = g(t): one more call
+        of g at a shifted state catches a g that does depend on y."""
+        y0 = self.prob.y0.reshape(self.shape)
+        with torch.no_grad():
+            shifted = self.g(t0[0] if self.scalar_time else t0, y0 + 1.0 + y0.abs())
+        if not torch.equal(torch.as_tensor(shifted).reshape(out.shape), out):
+            warnings.warn("noise='additive' says g does not depend on y, but g(t0, y0) and g(t0, y0 + 1 + |y0|) "
+                          "differ: with a y-dependent g, use noise='diagonal' (or 'general'); the additive-noise "
+                          "methods would be solving a different SDE (a random g, such as dropout in training "
+                          "mode, also triggers this)", RuntimeWarning, stacklevel=6)
 
     def __call__(self, tau, y):
         out = self.g(tau[0] if self.scalar_time else tau, y.reshape(self.shape))
@@ -494,6 +509,15 @@ def make_brownian(prob, m, brownian, seed, dtype, device):
     expected = [(B, m)] + ([(m,)] if B == 1 else [])
     if shape and shape not in expected:
         raise ValueError(f"brownian has shape {shape}; this problem needs {(B, m)} (batch, Brownian dimensions)")
+    # A float32 path under a float64 problem would cap the solve at float32 accuracy unnoticed.
+    tree_dtype = getattr(brownian, "dtype", dtype)
+    if tree_dtype != dtype:
+        raise ValueError(f"brownian has dtype {tree_dtype}; this problem's y0 is {dtype}: create the tree with "
+                         f"dtype={dtype}")
+    tree_device = getattr(brownian, "device", None)
+    if tree_device is not None and torch.device(tree_device).type != torch.device(device).type:
+        raise ValueError(f"brownian is on {tree_device}; this problem's y0 is on {device}: create the tree with "
+                         f"device={device}")
     return brownian
 
 
