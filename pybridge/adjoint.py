@@ -53,6 +53,8 @@ class _ContinuousAdjoint(Adjoint):
     carries_theta = True    # quadrature: False (a_θ by quadrature)
     checkpoints = None
     seminorm = False
+    rtol = None             # the backward solve's tolerances; None: the forward's
+    atol = None
 
     def solve(self, prob, solver, adjoint_params, options):
         params = _resolve_params(prob, adjoint_params)
@@ -79,12 +81,14 @@ class _ContinuousAdjoint(Adjoint):
 class BacksolveAdjoint(_ContinuousAdjoint):
     """Re-integrates y backwards beside the adjoint: O(1) memory in the number of steps (only the
     saved values are kept). Can be inaccurate for stiff or chaotic problems (y is not reversible);
-    use InterpolatingAdjoint there. seminorm: ignore the a_θ channels in the backward error norm."""
+    use InterpolatingAdjoint there. seminorm: ignore the a_θ channels in the backward error norm.
+    rtol, atol (all continuous adjoints): the backward solve's tolerances; None: the forward's."""
 
     carries_y = True
 
-    def __init__(self, seminorm: bool = True):
+    def __init__(self, seminorm: bool = True, rtol=None, atol=None):
         self.seminorm = bool(seminorm)
+        self.rtol, self.atol = _own_tolerances(rtol, atol)
 
 
 class InterpolatingAdjoint(_ContinuousAdjoint):
@@ -94,9 +98,10 @@ class InterpolatingAdjoint(_ContinuousAdjoint):
     With an implicit solver and parameters the state is a_y alone and a_θ comes by quadrature,
     as in QuadratureAdjoint (a_θ in the state would make the Jacobian to factorize (Bn+P)²)."""
 
-    def __init__(self, checkpoints=None, seminorm: bool = True):
+    def __init__(self, checkpoints=None, seminorm: bool = True, rtol=None, atol=None):
         self.checkpoints = _check_checkpoints(checkpoints)
         self.seminorm = bool(seminorm)
+        self.rtol, self.atol = _own_tolerances(rtol, atol)
 
 
 class QuadratureAdjoint(_ContinuousAdjoint):
@@ -106,8 +111,23 @@ class QuadratureAdjoint(_ContinuousAdjoint):
 
     carries_theta = False
 
-    def __init__(self, checkpoints=None):
+    def __init__(self, checkpoints=None, rtol=None, atol=None):
         self.checkpoints = _check_checkpoints(checkpoints)
+        self.rtol, self.atol = _own_tolerances(rtol, atol)
+
+
+def _own_tolerances(rtol, atol):
+    """An adjoint's own backward tolerances: each None (the forward solve's) or a finite number ≥ 0."""
+    out = []
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 <= value < math.inf):
+            raise ValueError(f"{name} of an adjoint must be None (the forward solve's) or a finite number ≥ 0; "
+                             f"got {value!r}")
+        out.append(None if value is None else float(value))
+    if out == [0.0, 0.0]:
+        raise ValueError("rtol and atol of an adjoint are both 0: no backward step could meet that")
+    return tuple(out)
 
 
 def _check_checkpoints(checkpoints):
@@ -299,12 +319,14 @@ class _Backward:
 
     def _tolerances(self, k):
         """Per-component atol/rtol for the state [k blocks of (B, n), a_θ (P)] (or (B, n) per sample)."""
-        o = self.opts
+        o, adj = self.opts, self.adj
+        atol = o["atol"] if adj.atol is None else adj.atol
+        rtol = o["rtol"] if adj.rtol is None else adj.rtol
         if not self.whole:
-            return o["atol"], o["rtol"]
+            return atol, rtol
         P = self.P if self.theta_in_state else 0
-        args = (self.shape, k, P, self.adj.seminorm, self.dtype, self.ys.device)
-        return augmented_tolerance(o["atol"], math.inf, *args), augmented_tolerance(o["rtol"], 0.0, *args)
+        args = (self.shape, k, P, adj.seminorm, self.dtype, self.ys.device)
+        return augmented_tolerance(atol, math.inf, *args), augmented_tolerance(rtol, 0.0, *args)
 
     def _step_options(self, dlt):
         """The forward's options in s-units: |dt_s| = |dt| / max|Δ| (fixed steps: a whole number per interval)."""

@@ -17,7 +17,7 @@ OPTIONS = {"step_size": "dt", "first_step": "dt", "max_num_steps": "max_steps", 
 
 
 def odeint(func, y0, t, *, rtol: float = 1e-7, atol: float = 1e-9, method: str | None = "dopri5",
-           options: dict | None = None, event_fn=None) -> torch.Tensor:
+           options: dict | None = None, event_fn=None, _adjoint=None) -> torch.Tensor:
     """Solve like torchdiffeq.odeint: y0 (any shape, or a tuple of tensors) is one state,
     func(t, y) gets a 0-d t, the error norm is the RMS over all of y; returns (T, *y0.shape).
 
@@ -26,6 +26,7 @@ def odeint(func, y0, t, *, rtol: float = 1e-7, atol: float = 1e-9, method: str |
     bounds the steps per interval of t; a failed solve raises (pybridge.SolveError, a RuntimeError).
     Differences: "rk4" is the classic RK4 (torchdiffeq's is the 3/8 rule, so fixed-step results
     differ at truncation-error level); "tsit5" is OrdinaryDiffEq's Tsit5 (torchdiffeq 0.2.5 has none).
+    (_adjoint: (adjoint, params), set by odeint_adjoint.)
     """
     if event_fn is not None:
         raise ValueError("odeint: event_fn is not supported by pybridge")
@@ -39,6 +40,8 @@ def odeint(func, y0, t, *, rtol: float = 1e-7, atol: float = 1e-9, method: str |
                              f"supported options: {sorted(OPTIONS)}")
         if OPTIONS[key] is not None:
             kwargs[OPTIONS[key]] = float(val) if OPTIONS[key] == "dt" else int(val)
+    if _adjoint is not None:
+        kwargs["adjoint"], kwargs["adjoint_params"] = _adjoint
     if isinstance(y0, tuple):
         return _odeint_tuple(func, y0, t, rtol, atol, method, kwargs)
     t = _as_times(t, y0)
@@ -63,6 +66,42 @@ def _fixed_on_grid(func, y0, t, solver, rtol, atol, kwargs):
     return torch.stack(ys)
 
 
+def odeint_adjoint(func, y0, t, *, rtol: float = 1e-7, atol: float = 1e-9, method: str | None = "dopri5",
+                   options: dict | None = None, event_fn=None, adjoint_rtol: float | None = None,
+                   adjoint_atol: float | None = None, adjoint_method: str | None = None,
+                   adjoint_options: dict | None = None, adjoint_params=None) -> torch.Tensor:
+    """A drop-in for torchdiffeq.odeint_adjoint: the forward solve as `odeint`, gradients from the
+    continuous adjoint solved backwards with y re-integrated beside it (pb.BacksolveAdjoint, as
+    torchdiffeq does), O(1) memory in the number of steps.
+
+    adjoint_params: the tensors to differentiate (default: func's parameters; torchdiffeq requires
+    func to be an nn.Module then, and so does this). adjoint_rtol / adjoint_atol: the backward
+    solve's tolerances (default rtol / atol). adjoint_options={"norm": "seminorm"} ignores the
+    parameter-adjoint channels in the backward error norm (Kidger et al. 2021); the default is the
+    full norm, as torchdiffeq's. The backward solve uses the forward's method and step options:
+    another adjoint_method, or adjoint_options other than "norm", raise.
+    """
+    from .adjoint import BacksolveAdjoint
+
+    if adjoint_method is not None and adjoint_method != (method or "dopri5"):
+        raise ValueError(f"odeint_adjoint: adjoint_method={adjoint_method!r} differs from method={method!r}; "
+                         "pybridge solves the adjoint with the forward's method")
+    norm = "default"
+    for key, val in (adjoint_options or {}).items():
+        if key != "norm" or val not in ("seminorm", "default"):
+            raise ValueError(f"odeint_adjoint: adjoint_options supports only {{'norm': 'seminorm' or 'default'}}; "
+                             f"got {key!r}: {val!r}")
+        norm = val
+    if adjoint_params is None:
+        if not isinstance(func, torch.nn.Module):
+            raise ValueError("odeint_adjoint: func must be an nn.Module when adjoint_params is not given "
+                             "(its parameters are what the adjoint differentiates)")
+        adjoint_params = tuple(func.parameters())
+    adjoint = BacksolveAdjoint(seminorm=norm == "seminorm", rtol=adjoint_rtol, atol=adjoint_atol)
+    return odeint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options, event_fn=event_fn,
+                  _adjoint=(adjoint, tuple(adjoint_params)))
+
+
 def _as_times(t, y0):
     if isinstance(t, torch.Tensor) and t.is_floating_point() and isinstance(y0, torch.Tensor):
         return t.to(y0.dtype)
@@ -81,11 +120,12 @@ def _odeint_tuple(func, y0s, t, rtol, atol, method, kwargs):
     def flat_func(tt, flat):
         return torch.cat([d.reshape(-1) for d in func(tt, unpack(flat))])
 
+    adjoint = (kwargs["adjoint"], kwargs["adjoint_params"]) if "adjoint" in kwargs else None
     ys = odeint(flat_func, flat0, _as_times(t, flat0), rtol=rtol, atol=atol, method=method,
-                options={k: v for k, v in _back(kwargs).items()})
+                options=_back(kwargs), _adjoint=adjoint)
     return tuple(p.reshape((ys.shape[0],) + tuple(s)) for p, s in zip(torch.split(ys, sizes, dim=1), shapes))
 
 
 def _back(kwargs):
     inverse = {"dt": "step_size", "max_steps": "max_num_steps"}
-    return {inverse[k]: v for k, v in kwargs.items()}
+    return {inverse[k]: v for k, v in kwargs.items() if k in inverse}

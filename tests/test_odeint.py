@@ -110,3 +110,53 @@ def test_torchdiffeq_calls_that_a_switching_user_makes():
     with pytest.raises(RuntimeError, match="MaxIters"):  # torchdiffeq raises too (AssertionError)
         pb.odeint(f, Y0, T[[0, -1]], options={"max_num_steps": 3})
     assert pb.odeint(f, Y0, T[:1]).shape == (1, 2) and torch.equal(pb.odeint(f, Y0, T[:1])[0], Y0)
+
+
+@pytest.mark.parametrize("method,kw,tol", [
+    ("dopri5", dict(rtol=1e-9, atol=1e-11), 1e-6),
+    ("dopri5", dict(rtol=1e-6, atol=1e-8, adjoint_rtol=1e-10, adjoint_atol=1e-12,
+                    adjoint_options={"norm": "seminorm"}), 5e-4),   # each ~1e-4 off the exact gradient
+    ("rk4", dict(options={"step_size": 0.05}), 3e-3),   # each ~1e-3 off (torchdiffeq's rk4: the 3/8 rule)
+])
+def test_odeint_adjoint_matches_torchdiffeq(method, kw, tol):
+    """`from pybridge import odeint_adjoint as odeint` in place of torchdiffeq's: the same
+    backsolve adjoint, its own backward tolerances and the seminorm option."""
+    grads = []
+    for odeint_adjoint in (pb.odeint_adjoint, tdq.odeint_adjoint):
+        f = Lotka()
+        y0 = Y0.clone().requires_grad_(True)
+        ys = odeint_adjoint(f, y0, T, method=method, **kw)
+        loss = (ys[-1] ** 2).sum() + ys[2].sum()
+        grads.append(torch.autograd.grad(loss, [y0, f.p]))
+    for a, b in zip(*grads):
+        assert torch.isfinite(a).all() and a.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_odeint_adjoint_options_and_tuple_states():
+    f = Lotka()
+    y0 = Y0.clone().requires_grad_(True)
+    # With a tight forward solve, the backward tolerances set the gradient's error.
+    exact = torch.autograd.grad(pb.odeint(f, y0, T, rtol=1e-12, atol=1e-12)[-1].sum(), f.p)[0]
+    errs = [(torch.autograd.grad(pb.odeint_adjoint(f, y0, T, rtol=1e-11, atol=1e-12, adjoint_rtol=r,
+                                                   adjoint_atol=r * 1e-2)[-1].sum(), f.p)[0] - exact).abs().max()
+            for r in (1e-3, 1e-9)]
+    assert errs[1] < errs[0] / 100, errs
+    # A tuple state: gradients as for the packed state.
+    def pair(t, ys):
+        x, z = ys
+        return f(t, torch.cat([x, z]))[:1], f(t, torch.cat([x, z]))[1:]
+    xs = pb.odeint_adjoint(pair, (y0[:1], y0[1:]), T, adjoint_params=tuple(f.parameters()))
+    g_tuple = torch.autograd.grad(xs[0][-1].sum() + xs[1][-1].sum(), f.p)[0]
+    g_flat = torch.autograd.grad(pb.odeint_adjoint(f, y0, T)[-1].sum(), f.p)[0]
+    torch.testing.assert_close(g_tuple, g_flat, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="adjoint_method='rk4' differs from method='dopri5'"):
+        pb.odeint_adjoint(f, y0, T, adjoint_method="rk4")
+    with pytest.raises(ValueError, match="adjoint_options supports only"):
+        pb.odeint_adjoint(f, y0, T, adjoint_options={"step_size": 0.1})
+    with pytest.raises(ValueError, match="func must be an nn.Module"):
+        pb.odeint_adjoint(lambda t, y: -y, y0, T)
+    with pytest.raises(ValueError, match="rtol of an adjoint must be"):
+        pb.odeint_adjoint(f, y0, T, adjoint_rtol=-1.0)
+    with pytest.raises(ValueError, match="both 0"):
+        pb.BacksolveAdjoint(rtol=0, atol=0)
