@@ -197,6 +197,22 @@ def test_newton_failure_is_per_sample():
     assert abs(float(y0.grad[1]) - math.exp(-2.0)) < 1e-5
 
 
+@pytest.mark.parametrize("batch", ["independent", "lockstep"])
+@pytest.mark.parametrize("solver", [pb.Kvaerno5(), pb.KenCarp4(), pb.TRBDF2()], ids=lambda s: s.name)
+def test_a_sample_whose_f_turns_nan_stops_alone(solver, batch):
+    """y' = −√y: y0 = 0.01 reaches 0 at t = 0.2, after which f is NaN. That sample ends Unstable
+    and the other (y0 = 1, y(1) = 1/4) finishes with a finite gradient, in lockstep too: there a
+    Newton iterate turned NaN had failed the shared step of every sample until dtmin."""
+    y0 = torch.tensor([[1.0], [0.01]], dtype=F64, requires_grad=True)
+    prob = pb.ODEProblem(lambda t, y: -torch.sqrt(y), y0, torch.tensor([0.0, 0.5, 1.0], dtype=F64))
+    with pytest.warns(RuntimeWarning, match="sample 1: Unstable"):
+        sol = pb.solve(prob, solver, batch=batch, rtol=1e-6, atol=1e-8)
+    assert sol.retcodes == [pb.ReturnCode.Success, pb.ReturnCode.Unstable]
+    torch.testing.assert_close(sol.ys[:, 0, 0], torch.tensor([1.0, 0.5625, 0.25], dtype=F64), rtol=1e-4, atol=0)
+    grad, = torch.autograd.grad(sol.ys[-1, 0].sum(), y0)
+    assert torch.isfinite(grad).all() and abs(float(grad[0]) - 0.5) < 1e-3   # d(√y0 − 1/2)²/dy0 = 1/2
+
+
 def test_singular_matrix_rejects_that_sample_only():
     """y' = λy with γhλ = 1 (KenCarp4: γ = 1/4, λ = 4, h = 1) makes I − γhJ exactly singular."""
     assert ESDIRK_TABLEAUS["KenCarp4"].gamma == 0.25

@@ -12,7 +12,9 @@ loop when the whole batch is done).
 A singular W (``info != 0``) or a Newton solve that does not converge marks the sample's step as
 failed: ``step.failed`` makes the loop reject it; the proposal is y itself and the error is set so
 that the PI controller halves dt (SOLVERS.md: "on failure dt ÷ 2"); below dtmin the sample ends
-with ReturnCode.ConvergenceFailure. Everything stays finite, so no NaN reaches autograd.
+with ReturnCode.ConvergenceFailure. Everything stays finite, so no NaN reaches autograd. A Newton
+iterate that turns non-finite instead makes the proposal a NaN constant: the loop then handles the
+sample as it does a diverging explicit step (in lockstep, that sample alone stops, as Unstable).
 
 Gradients: the Newton iterations run detached. When anything in the step requires grad, each
 converged stage gets one extra Newton correction with the graph attached, using the *exact*
@@ -90,10 +92,12 @@ class ESDIRK:
     # -- Newton ------------------------------------------------------------------------------
     def _newton(self, rhs, ti, tmp, z, h, solve, done, eta, y0abs):
         """Simplified Newton for G(z) = z − h f(ti, tmp + γz) = 0, all detached. Returns the
-        iterate, per-sample failure, iteration count and the last rate estimate η."""
+        iterate, per-sample failure, those failures whose iterate turned non-finite, the
+        iteration count and the last rate estimate η."""
         gamma, kappa = self.gamma, self.kappa
         conv = done.clone()
         fail = torch.zeros_like(done)
+        blew = torch.zeros_like(done)
         iters = torch.zeros(done.shape, dtype=torch.long, device=done.device)
         ndz_prev = torch.ones_like(h)
         eta = torch.clamp(eta, min=self.eps) ** 0.8   # Hairer's first-iteration rate estimate
@@ -128,9 +132,10 @@ class ESDIRK:
             ndz_prev = torch.where(running, ndz, ndz_prev)
             conv = conv | (running & converged)
             fail = fail | (running & failing)
+            blew = blew | (running & ~finite)
             if not bool((~(conv | fail)).any()):   # the one host sync per iteration
                 break
-        return z, fail, iters, eta
+        return z, fail, blew, iters, eta
 
     def _attach(self, rhs, ti, tmp, zstar, h):
         """z* + (g − g.detach()), g = −M⁻¹G(z*) with the exact Jacobian at the converged point."""
@@ -158,7 +163,7 @@ class ESDIRK:
         inactive = h == 0            # finished samples: z ≡ 0, nothing to solve
         failed = singular & ~inactive
         zero_long = torch.zeros(B, dtype=torch.long, device=device)
-        iters, newton_fail = zero_long, torch.zeros_like(failed)
+        iters, newton_fail, blew = zero_long, torch.zeros_like(failed), torch.zeros_like(failed)
         eta = torch.ones_like(hd)
         zs = [h[:, None] * k1]
         for i in range(1, s):
@@ -168,9 +173,10 @@ class ESDIRK:
             with torch.no_grad():
                 guess = Z.detach() @ self.P_rows[i]
                 guess = torch.where((failed | inactive)[:, None], torch.zeros_like(guess), guess)
-                zi, fail_i, its, eta = self._newton(rhs, td + self.c[i] * hd, tmp.detach(), guess, hd,
-                                                    solve_d, failed | inactive, eta, y0abs)
+                zi, fail_i, blew_i, its, eta = self._newton(rhs, td + self.c[i] * hd, tmp.detach(), guess, hd,
+                                                            solve_d, failed | inactive, eta, y0abs)
             newton_fail = newton_fail | fail_i
+            blew = blew | blew_i
             failed = failed | fail_i
             # Failed samples carry zeros from here on: finite stage values for every later f call.
             zi = torch.where(failed[:, None], torch.zeros_like(zi), zi)
@@ -182,8 +188,8 @@ class ESDIRK:
         y1 = tmp + self.gamma * zs[-1]
         err = lu.solve(Z @ self.btilde)
 
-        if self.lockstep:   # one step size for the batch: a failure anywhere fails everyone
-            failed = failed.any().expand(B) & ~inactive
+        if self.lockstep:   # one step size for the batch: a failure anywhere fails everyone ...
+            failed = (failed & ~blew).any().expand(B) & ~inactive | blew
         ok = ~failed
         safe_h = torch.where(inactive, torch.ones_like(h), h)
         f_end = torch.where(inactive[:, None], k1, zs[-1] / safe_h[:, None])
@@ -191,6 +197,11 @@ class ESDIRK:
         y1 = torch.where(ok[:, None], y1, y)
         fail_err = self.fail_eest * (self.atol + self.rtol * y0abs)
         err = torch.where(ok[:, None], err, fail_err.expand_as(err))
+        # ... except a sample whose Newton iterate turned non-finite (f NaN or overflowing there): its
+        # proposal is NaN, so the loop treats it as a diverging sample of an explicit method
+        # (lockstep: stopped as Unstable rather than shrinking everyone's step; independent: retried
+        # smaller). The NaN is a constant: nothing non-finite enters the autograd graph.
+        y1 = torch.where(blew[:, None], torch.full_like(y1, float("nan")), y1)
 
         extra = (s - 1) if need_grad else 0
         nfe = iters + extra
