@@ -23,7 +23,8 @@ Design (shared by the three adjoints, see `_Backward.interval`):
 - f must treat samples independently (no batch statistics), as for independent batching.
 - After backward, sol.extras["adjoint_stats"] = {nfe: augmented right-hand-side evaluations (one
   batched f call + VJP each, quadrature nodes included), steps: accepted backward steps, intervals}.
-- Gradients w.r.t. t, double backward and the trace's eest/stiffness are not differentiable here.
+- Gradients w.r.t. t (refused: t must not require grad), double backward and the trace's
+  eest/stiffness are not differentiable here; sol(t) gives values, and a gradient reaching them raises.
 """
 from __future__ import annotations
 
@@ -67,10 +68,12 @@ class _ContinuousAdjoint(Adjoint):
                 "or DiscreteAdjoint()")
         if torch.is_grad_enabled():
             _check_closure(prob, params, options["lockstep"])
+            _refuse_time_gradients(prob, self)
         holder = {}
         ys = _AdjointFunction.apply(self, prob, solver, options, holder, prob.y0, *params)
         sol = holder["sol"]
         sol.ys = ys
+        _values_only_dense_output(sol, self)
         return sol
 
     @property
@@ -114,6 +117,44 @@ class QuadratureAdjoint(_ContinuousAdjoint):
     def __init__(self, checkpoints=None, rtol=None, atol=None):
         self.checkpoints = _check_checkpoints(checkpoints)
         self.rtol, self.atol = _own_tolerances(rtol, atol)
+
+
+def _refuse_time_gradients(prob, adjoint):
+    """The continuous adjoints do not differentiate the save times: say so rather than leave t.grad None."""
+    if isinstance(prob.t, torch.Tensor) and prob.t.requires_grad:
+        raise ValueError(f"t requires grad, but adjoint={type(adjoint).__name__}() does not differentiate the "
+                         "save times: use adjoint=pb.DiscreteAdjoint() (the default; pb.odeint) for dL/dt, "
+                         "or pass t.detach()")
+
+
+def _values_only_dense_output(sol, adjoint):
+    """sol(t) under a continuous adjoint comes from a forward solve without a graph. Its values are
+    returned as they are, but a gradient that reaches them raises instead of being dropped."""
+    interpolant = sol._interpolant
+    if interpolant is None or not sol.ys.requires_grad:
+        return
+    anchor = sol.ys
+    message = (f"sol(t) is not differentiable under adjoint={type(adjoint).__name__}() (its dense output "
+               "comes from a forward solve without a graph): put the query times into t, or use "
+               "adjoint=pb.DiscreteAdjoint(); detach() sol(t) where only its values are wanted")
+
+    def values(t):
+        out = interpolant(t)
+        return _NoGradient.apply(out, anchor, message) if torch.is_grad_enabled() else out
+    sol._interpolant = values
+
+
+class _NoGradient(torch.autograd.Function):
+    """Identity on `values`, attached to the graph through `anchor`, whose backward raises."""
+
+    @staticmethod
+    def forward(ctx, values, anchor, message):
+        ctx.message = message
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(ctx.message)
 
 
 def _own_tolerances(rtol, atol):

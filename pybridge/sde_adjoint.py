@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .adjoint import Adjoint, DiscreteAdjoint, _check_closure
+from .adjoint import (Adjoint, DiscreteAdjoint, _check_closure, _refuse_time_gradients,
+                      _values_only_dense_output)
 from .solution import ReturnCode
 
 
@@ -38,10 +39,12 @@ def solve_sde_dispatch(prob, solver, adjoint, adjoint_params, options, *, differ
     params = _resolve_params(prob, adjoint_params)
     if torch.is_grad_enabled():
         _check_closure(prob, params, options["lockstep"], fns=(prob.f, prob.g))
+        _refuse_time_gradients(prob, adjoint)
     holder = {}
     ys = _ReversibleFunction.apply(prob, solver, kw, holder, prob.y0, *params)
     sol = holder["sol"]
     sol.ys = ys
+    _values_only_dense_output(sol, adjoint)
     return sol
 
 

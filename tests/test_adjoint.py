@@ -148,6 +148,29 @@ def test_closure_tensors_need_adjoint_params():
         InterpolatingAdjoint(checkpoints=3)
 
 
+@pytest.mark.parametrize("adj_name", ["backsolve", "interpolating", "quadrature"])
+def test_what_continuous_adjoints_cannot_differentiate_is_said_not_dropped(adj_name):
+    """dL/dt and gradients through sol(t) are not available under a continuous adjoint: a t that
+    requires grad is refused, and sol(t) gives the values whose gradient raises when reached
+    (before, t.grad stayed None and a loss term sol(0.5) silently contributed nothing)."""
+    a = torch.tensor(1.0, dtype=D, requires_grad=True)
+    f = lambda t, y: -a * y  # noqa: E731
+    y0 = torch.ones(1, dtype=D)
+    t = torch.tensor([0.0, 1.0], dtype=D)
+    kw = dict(adjoint=ADJOINTS[adj_name](), adjoint_params=(a,), rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match=r"t requires grad.*does not differentiate the save times"):
+        pb.solve(pb.ODEProblem(f, y0, t.clone().requires_grad_()), pb.Tsit5(), **kw)
+    sol = pb.solve(pb.ODEProblem(f, y0, t), pb.Tsit5(), dense=True, **kw)
+    mid = sol(torch.tensor([0.5], dtype=D))
+    torch.testing.assert_close(mid.detach(), torch.full((1, 1), math.exp(-0.5), dtype=D), rtol=1e-6, atol=0)
+    with pytest.raises(RuntimeError, match="sol.t. is not differentiable under adjoint="):
+        torch.autograd.grad(sol.ys[-1].sum() + mid.sum(), a)
+    g, = torch.autograd.grad(sol.ys[-1].sum() + mid.detach().sum(), a)   # values only: fine
+    torch.testing.assert_close(g, torch.tensor(-math.exp(-1.0), dtype=D), rtol=1e-6, atol=0)
+    with torch.no_grad():
+        assert not sol(torch.tensor([0.5], dtype=D)).requires_grad
+
+
 def test_seminorm_tolerance_is_exactly_the_seminorm():
     """inf atol / 0 rtol on the a_θ channels plus the sqrt(m/N) rescale: RMS over N = RMS over m."""
     torch.manual_seed(5)

@@ -258,6 +258,11 @@ def test_a_blown_up_reversible_heun_sample_keeps_the_others_gradients_finite():
     _, sol = solve(1.2, **reversible)
     with pytest.raises(RuntimeError, match="sample 1 failed .Unstable.*DiscreteAdjoint"):
         torch.autograd.grad(sol.ys[1, 1].sum(), a)   # t = 0.25: finite, before the blow-up
+    # dL/dt is not what the reversible adjoint computes: refused, not left None.
+    prob = pb.SDEProblem(lambda t, y: a * y, lambda t, y: 0.1 * y, torch.ones(3, 1, dtype=D),
+                         t.clone().requires_grad_(), interpretation="stratonovich")
+    with pytest.raises(ValueError, match="t requires grad, but adjoint=ReversibleAdjoint"):
+        pb.solve(prob, pb.ReversibleHeun(), adaptive=False, dt=0.01, seed=0, **reversible)
 
 
 def test_reversible_heun_reconstructs_backwards():
