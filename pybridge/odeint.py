@@ -1,6 +1,9 @@
 """A drop-in for torchdiffeq.odeint, solved by pybridge (torchdiffeq's defaults and semantics)."""
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
 
 from . import solvers as S
@@ -12,8 +15,11 @@ METHODS = {
     "euler": S.Euler, "midpoint": S.Midpoint, "heun2": S.Heun, "heun": S.Heun, "rk4": S.RK4,
     "bosh3": S.BS3, "dopri5": S.DP5, "tsit5": S.Tsit5, "vern7": S.Vern7,
 }
-# torchdiffeq option -> solve() keyword
-OPTIONS = {"step_size": "dt", "first_step": "dt", "max_num_steps": "max_steps", "dtype": None}
+# torchdiffeq option -> solve() keyword ("interp": how a fixed-grid solve fills times between its steps)
+OPTIONS = {"step_size": "dt", "first_step": "dt", "max_num_steps": "max_steps", "dtype": None, "interp": None}
+# Options torchdiffeq's fixed-grid solvers do not take (it warns and ignores them), and its adaptive ones'
+FIXED_GRID_IGNORES = {"first_step", "max_num_steps"}
+ADAPTIVE_IGNORES = {"interp"}
 
 
 def odeint(func, y0, t, *, rtol: float = 1e-7, atol: float = 1e-9, method: str | None = "dopri5",
@@ -22,8 +28,11 @@ def odeint(func, y0, t, *, rtol: float = 1e-7, atol: float = 1e-9, method: str |
     func(t, y) gets a 0-d t, the error norm is the RMS over all of y; returns (T, *y0.shape).
 
     As torchdiffeq: method=None means "dopri5"; a fixed-step method ("euler", "midpoint", "heun2",
-    "rk4") without options={"step_size": ...} takes one step per interval of t; "max_num_steps"
-    bounds the steps per interval of t; a failed solve raises (pybridge.SolveError, a RuntimeError).
+    "rk4") without options={"step_size": ...} takes one step per interval of t, and with one steps
+    on t0 + k·step_size, filling times between steps linearly (options={"interp": "cubic"}: cubic
+    Hermite); fixed-step methods ignore "first_step" and "max_num_steps", with a warning; a failed
+    solve raises (pybridge.SolveError, a RuntimeError). "max_num_steps" bounds the whole solve at
+    max_num_steps × (len(t) − 1) steps (torchdiffeq bounds each interval of t separately).
     Differences: "rk4" is the classic RK4 (torchdiffeq's is the 3/8 rule, so fixed-step results
     differ at truncation-error level); "tsit5" is OrdinaryDiffEq's Tsit5 (torchdiffeq 0.2.5 has none).
     (_adjoint: (adjoint, params), set by odeint_adjoint.)
@@ -34,25 +43,35 @@ def odeint(func, y0, t, *, rtol: float = 1e-7, atol: float = 1e-9, method: str |
     if method not in METHODS:
         raise ValueError(f"odeint: unknown method {method!r}; pybridge supports {sorted(METHODS)}")
     kwargs = {}
+    solver = METHODS[method]()
+    ignored = FIXED_GRID_IGNORES if not solver.adaptive else ADAPTIVE_IGNORES
+    interp = (options or {}).get("interp", "linear")
+    if interp not in ("linear", "cubic"):
+        raise ValueError(f"odeint: option interp must be 'linear' or 'cubic'; got {interp!r}")
     for key, val in (options or {}).items():
         if key not in OPTIONS:
             raise ValueError(f"odeint: unknown option {key!r} for method {method!r}; "
                              f"supported options: {sorted(OPTIONS)}")
-        if OPTIONS[key] is not None:
+        if key in ignored:
+            warnings.warn(f"odeint: method {method!r} ignores option {key!r} (as torchdiffeq does)", stacklevel=2)
+        elif OPTIONS[key] is not None:
             kwargs[OPTIONS[key]] = float(val) if OPTIONS[key] == "dt" else int(val)
     if _adjoint is not None:
         kwargs["adjoint"], kwargs["adjoint_params"] = _adjoint
     if isinstance(y0, tuple):
-        return _odeint_tuple(func, y0, t, rtol, atol, method, kwargs)
+        return _odeint_tuple(func, y0, t, rtol, atol, method, kwargs, interp)
     t = _as_times(t, y0)
     if isinstance(t, torch.Tensor) and t.dim() == 1 and t.shape[0] == 1:
         return y0[None]  # (torchdiffeq returns the initial state alone)
-    solver = METHODS[method]()
     if "max_steps" in kwargs and isinstance(t, torch.Tensor) and t.dim() == 1:
-        kwargs["max_steps"] *= max(t.shape[0] - 1, 1)  # torchdiffeq counts the steps of each interval of t
+        # One budget for the whole solve, max_num_steps per interval of t on average (torchdiffeq
+        # bounds each interval's steps separately).
+        kwargs["max_steps"] *= max(t.shape[0] - 1, 1)
     prob = ODEProblem(func, y0, t, batched=False)  # (checks y0 and t)
     if not solver.adaptive and "dt" not in kwargs:
         return _fixed_on_grid(func, y0, prob.t, solver, rtol, atol, kwargs)
+    if not solver.adaptive and interp == "linear":
+        return _linear_between_steps(func, y0, prob.t, solver, rtol, atol, kwargs)
     return solve(prob, solver, rtol=rtol, atol=atol, raise_on_failure=True, **kwargs).ys
 
 
@@ -64,6 +83,24 @@ def _fixed_on_grid(func, y0, t, solver, rtol, atol, kwargs):
         step = float((t1 - t0).abs())
         ys.append(solve(prob, solver, rtol=rtol, atol=atol, dt=step, raise_on_failure=True, **kwargs).ys[-1])
     return torch.stack(ys)
+
+
+def _linear_between_steps(func, y0, t, solver, rtol, atol, kwargs):
+    """torchdiffeq's fixed grid with a step size: steps on t0 + k·step (the last one shortened to end
+    on t[-1]) and, by default, values at times between two steps interpolated linearly. The solve
+    saves only the step ends around each requested time (memory O(len(t)), not O(steps))."""
+    step, sign = kwargs["dt"], (1.0 if bool(t[-1] > t[0]) else -1.0)
+    s = sign * t                                                     # increasing
+    n_steps = math.ceil(float(s[-1] - s[0]) / step)
+    grid = torch.arange(n_steps + 1, dtype=t.dtype, device=t.device) * step + s[0]
+    grid = torch.cat([grid[grid < s[-1]], s[-1:]])   # (a k·step rounding past the end is dropped)
+    j = (torch.searchsorted(grid.detach(), s.detach(), right=True) - 1).clamp(0, grid.shape[0] - 2)
+    needed = torch.unique(torch.cat([j, j + 1]))                      # the step ends around t, sorted
+    ys = solve(ODEProblem(func, y0, sign * grid[needed], batched=False), solver, rtol=rtol, atol=atol,
+               raise_on_failure=True, **kwargs).ys
+    lo, hi = torch.searchsorted(needed, j), torch.searchsorted(needed, j + 1)
+    w = ((s - grid[j]) / (grid[j + 1] - grid[j])).reshape(-1, *([1] * y0.dim()))
+    return ys[lo] + w * (ys[hi] - ys[lo])
 
 
 def odeint_adjoint(func, y0, t, *, rtol: float = 1e-7, atol: float = 1e-9, method: str | None = "dopri5",
@@ -79,7 +116,8 @@ def odeint_adjoint(func, y0, t, *, rtol: float = 1e-7, atol: float = 1e-9, metho
     solve's tolerances (default rtol / atol). adjoint_options={"norm": "seminorm"} ignores the
     parameter-adjoint channels in the backward error norm (Kidger et al. 2021); the default is the
     full norm, as torchdiffeq's. The backward solve uses the forward's method and step options:
-    another adjoint_method, or adjoint_options other than "norm", raise.
+    another adjoint_method, or adjoint_options other than "norm", raise. Unlike torchdiffeq's, it
+    does not differentiate t: a t that requires grad raises (pb.odeint differentiates it).
     """
     from .adjoint import BacksolveAdjoint
 
@@ -108,7 +146,7 @@ def _as_times(t, y0):
     return t
 
 
-def _odeint_tuple(func, y0s, t, rtol, atol, method, kwargs):
+def _odeint_tuple(func, y0s, t, rtol, atol, method, kwargs, interp):
     """torchdiffeq accepts a tuple state: pack it into one flat vector and unpack the result."""
     shapes = [y.shape for y in y0s]
     sizes = [y.numel() for y in y0s]
@@ -122,7 +160,7 @@ def _odeint_tuple(func, y0s, t, rtol, atol, method, kwargs):
 
     adjoint = (kwargs["adjoint"], kwargs["adjoint_params"]) if "adjoint" in kwargs else None
     ys = odeint(flat_func, flat0, _as_times(t, flat0), rtol=rtol, atol=atol, method=method,
-                options=_back(kwargs), _adjoint=adjoint)
+                options=dict(_back(kwargs), interp=interp), _adjoint=adjoint)
     return tuple(p.reshape((ys.shape[0],) + tuple(s)) for p, s in zip(torch.split(ys, sizes, dim=1), shapes))
 
 

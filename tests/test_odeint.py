@@ -160,3 +160,42 @@ def test_odeint_adjoint_options_and_tuple_states():
         pb.odeint_adjoint(f, y0, T, adjoint_rtol=-1.0)
     with pytest.raises(ValueError, match="both 0"):
         pb.BacksolveAdjoint(rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["euler", "midpoint", "rk4"])
+def test_fixed_step_size_fills_times_between_steps_as_torchdiffeq(method):
+    """step_size 0.3 on [0, 1] with a save at 0.5 (between steps): linear interpolation, as
+    torchdiffeq's default, and torchdiffeq's gradients; "cubic" is Hermite (closer to exact)."""
+    f = Lotka()
+    y0 = Y0.clone().requires_grad_(True)
+    t = torch.tensor([0.0, 0.5, 1.0, 1.75], dtype=torch.float64)
+    opts = {"step_size": 0.3}
+    ours, theirs = pb.odeint(f, y0, t, method=method, options=opts), tdq.odeint(f, y0, t, method=method, options=opts)
+    tol = 1e-3 if method == "rk4" else 1e-12     # (torchdiffeq's rk4 is the 3/8 rule)
+    torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol)
+    g_ours = torch.autograd.grad(ours[1:].sum(), [y0, f.p])
+    g_theirs = torch.autograd.grad(theirs[1:].sum(), [y0, f.p])
+    for a, b in zip(g_ours, g_theirs):
+        torch.testing.assert_close(a, b, rtol=10 * tol, atol=10 * tol)
+    cubic = pb.odeint(f, Y0, t, method=method, options=dict(opts, interp="cubic"))
+    tdq_cubic = tdq.odeint(f, Y0, t, method=method, options=dict(opts, interp="cubic"))
+    torch.testing.assert_close(cubic, tdq_cubic, rtol=tol, atol=tol)
+    # Backwards in time, and a time on a step end exactly.
+    t_back = torch.tensor([1.0, 0.7, 0.45, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(pb.odeint(f, Y0, t_back, method=method, options=opts),
+                               tdq.odeint(f, Y0, t_back, method=method, options=opts), rtol=tol, atol=tol)
+
+
+def test_options_torchdiffeq_ignores_are_ignored_with_a_warning():
+    f = Lotka()
+    with pytest.warns(UserWarning, match="'euler' ignores option 'max_num_steps'"):
+        ys = pb.odeint(f, Y0, T, method="euler", options={"step_size": 0.01, "max_num_steps": 10})
+    torch.testing.assert_close(ys, tdq.odeint(f, Y0, T, method="euler", options={"step_size": 0.01}),
+                               rtol=1e-10, atol=1e-10)
+    with pytest.warns(UserWarning, match="'euler' ignores option 'first_step'"):
+        ys = pb.odeint(f, Y0, T, method="euler", options={"first_step": 0.01})
+    torch.testing.assert_close(ys, tdq.odeint(f, Y0, T, method="euler"), rtol=1e-12, atol=1e-12)
+    with pytest.warns(UserWarning, match="'dopri5' ignores option 'interp'"):
+        pb.odeint(f, Y0, T, options={"interp": "cubic"})
+    with pytest.raises(ValueError, match="interp must be 'linear' or 'cubic'"):
+        pb.odeint(f, Y0, T, method="rk4", options={"step_size": 0.1, "interp": "quintic"})
