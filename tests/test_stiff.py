@@ -315,6 +315,19 @@ def test_gradcheck_adaptive():
     assert torch.allclose(g, fd, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("solver", [pb.Rosenbrock23, pb.Rodas5P], ids=lambda s: s.__name__)
+def test_gradcheck_differentiable_dt_with_a_time_dependent_jacobian(solver):
+    """With differentiable_dt the step times depend on p, and here ∂f/∂y depends on t: the Jacobian,
+    taken at a detached copy of (t, y), must pass dJ/dt back to the step times (it was dropped, and
+    the error regularizer's gradient was wrong by several times its size)."""
+    def fn(p):
+        f = lambda t, y: -p[0] * (1.5 + torch.cos(3 * t))[..., None] * y ** 2 + p[1] * y  # noqa: E731
+        sol = pb.solve(pb.ODEProblem(f, torch.tensor([[1.0], [0.5]], dtype=F64), torch.tensor([0.0, 0.4, 1.0], dtype=F64)),
+                       solver(), rtol=1e-3, atol=1e-5, batch="lockstep", differentiable_dt=True)
+        return torch.cat([sol.ys.reshape(-1), pb.error_regularizer(sol).reshape(1)])
+    assert torch.autograd.gradcheck(fn, (torch.tensor([2.0, 0.3], dtype=F64, requires_grad=True),))
+
+
 def test_autodiff_jacobian_differentiates_at_a_detached_copy_of_the_state():
     """The reverse-mode Jacobian takes autograd.grad of f at a leaf copy of y, so it never walks the
     solve's history (with y's history attached, each step's Jacobian cost grew with the number of

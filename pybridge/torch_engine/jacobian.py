@@ -54,7 +54,8 @@ class AutodiffJacobian:
             # A graph for J only when something upstream can receive gradients (y's history or a
             # parameter of f): otherwise a no-grad user would get a solution that requires grad.
             track_y = graph and y.requires_grad
-            graph = graph and (track_y or _reaches_other_leaf(out, (y_in, t_in)))
+            track_t = graph and isinstance(t, torch.Tensor) and t.requires_grad  # (differentiable_dt)
+            graph = graph and (track_y or track_t or _reaches_other_leaf(out, (y_in, t_in)))
             basis = torch.eye(n, dtype=y.dtype, device=y.device)[:, None, :].expand(n, B, n)
             J = None
             if self.batched_ok:
@@ -72,8 +73,8 @@ class AutodiffJacobian:
                     rows.append(r if r is not None else torch.zeros_like(y))
                     uses_time = uses_time or r_t is not None
                 J = _rows_to_jacobian(torch.stack(rows), y)
-            if track_y and J.requires_grad:
-                J = _Reattach.apply(y, J, y_in)
+            if (track_y or track_t) and J.requires_grad:
+                J = _Reattach.apply(y, t, J, y_in, t_in)
             return J, uses_time
 
     @staticmethod
@@ -121,23 +122,24 @@ def _functional_jacobian(rhs, t, y):
 
 
 class _Reattach(torch.autograd.Function):
-    """J(y_d), computed at a detached copy y_d of y, as a function of y itself: the gradient that
-    reaches J goes on into J's own graph (f's parameters) and, through ∂J/∂y_d, to y. That
-    backward pass walks J's short graph back to y_d, never the solve's history before y."""
+    """J(t_d, y_d), computed at detached copies of t and y, as a function of t and y themselves: the
+    gradient that reaches J goes on into J's own graph (f's parameters) and, through ∂J/∂y_d and
+    ∂J/∂t_d, to y and t (t carries gradients with differentiable_dt, and J may depend on it). That
+    backward pass walks J's short graph back to y_d and t_d, never the solve's history before."""
 
     @staticmethod
-    def forward(ctx, y, J, y_d):
+    def forward(ctx, y, t, J, y_d, t_d):
         ctx.save_for_backward(J)
-        ctx.y_d = y_d
+        ctx.y_d, ctx.t_d = y_d, t_d
         return J.detach().clone()
 
     @staticmethod
     def backward(ctx, grad_J):
         (J,) = ctx.saved_tensors
         # (grad mode is on here exactly when the caller asked for a graph of this backward)
-        (grad_y,) = torch.autograd.grad(J, ctx.y_d, grad_J, retain_graph=True, allow_unused=True,
-                                        create_graph=torch.is_grad_enabled())
-        return grad_y, grad_J, None
+        grad_y, grad_t = torch.autograd.grad(J, (ctx.y_d, ctx.t_d), grad_J, retain_graph=True, allow_unused=True,
+                                             create_graph=torch.is_grad_enabled())
+        return grad_y, grad_t, grad_J, None, None
 
 
 def _reaches_other_leaf(out, own_leaves):
