@@ -64,13 +64,13 @@ def parse_local_regularizer(kind):
     return LOCAL_KINDS[kind]
 
 
-def local_error_step(rhs, method, tau_reg, y_reg, atol, rtol, norm, dtmax, detach_k1=False, dt=None):
+def local_error_step(rhs, method, tau_reg, y_reg, atol, rtol, norm, dtmax, detach_k1=False, dt=None, valid=None):
     """r = EEst·dt of one fresh step from the detached state y_reg at tau_reg (2023 paper).
 
     u(t_reg) and the step dt (the automatic initial step there unless given) are detached; the
     gradient reaches the parameters through every stage, k1 = f(t_reg, u_r) included unless
     detach_k1 (the paper's code: through k2…k_s only; see LOCAL_KINDS for why that is not the
-    default). Returns (B,) values.
+    default). Returns (B,) values. valid (B,): the samples a lockstep norm runs over (others: 0).
     """
     from .torch_engine.controller import error_norm, initial_step
 
@@ -83,5 +83,5 @@ def local_error_step(rhs, method, tau_reg, y_reg, atol, rtol, norm, dtmax, detac
     step = method.step(rhs, tau_reg, y, dt, k1)
     if step.err is None:
         raise ValueError("local regularization needs a method with an error estimate")
-    eest = error_norm(norm, step.err, y, step.y1, atol, rtol)
+    eest = error_norm(norm, step.err, y, step.y1, atol, rtol, valid=valid)
     return eest * dt

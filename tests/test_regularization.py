@@ -200,6 +200,39 @@ def test_local_regularizer_with_k1_detached_does_not_lower_nfe_here():
     assert nfe[-1] > nfe[0], nfe
 
 
+@pytest.mark.parametrize("solver", [pb.Tsit5(), pb.Rodas5P()], ids=lambda s: s.name)
+def test_a_failed_sample_is_left_out_of_the_local_regularizer(solver):
+    """y' = a·y³ from 0.8 blows up near t = 0.78; its probe (where it blew up) made the batch's
+    local regularizer ~1e18 or inf with a NaN gradient. Left out, the batch's value is the healthy
+    sample's own (independent steps; the unbiased time draws the same u for sample 0)."""
+    a = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    t = torch.linspace(0.0, 1.0, 3, dtype=torch.float64)
+
+    def run(y0):
+        sol = pb.solve(pb.ODEProblem(lambda t, y: a * y ** 3, torch.tensor(y0, dtype=torch.float64), t), solver,
+                       rtol=1e-6, atol=1e-8, local_regularizer="unbiased", seed=0)
+        return sol, torch.autograd.grad(sol.local_regularizer, a)[0]
+
+    with pytest.warns(RuntimeWarning, match="sample 1"):
+        both, g_both = run([[0.3], [0.8]])
+    alone, g_alone = run([[0.3]])
+    assert both.retcode[1] != 0 and torch.isfinite(g_both)
+    torch.testing.assert_close(both.local_regularizer, alone.local_regularizer, rtol=1e-10, atol=0)
+    torch.testing.assert_close(g_both, g_alone, rtol=1e-8, atol=0)
+
+
+def test_lockstep_biased_probe_is_one_time_for_the_batch():
+    """Lockstep steps the batch together and passes f one time: the biased probe picks one step end
+    for every sample (it drew per sample, and f then saw sample 0's time for all)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+    y0 = torch.randn(3, 2, dtype=torch.float64)
+    sol = pb.solve(pb.ODEProblem(lambda t, y: net(y) * torch.cos(t), y0, torch.linspace(0, 2, 3, dtype=torch.float64)),
+                   pb.Tsit5(), batch="lockstep", local_regularizer="biased", seed=1)
+    t_reg = sol.extras["t_reg"]
+    assert torch.equal(t_reg, t_reg[:1].expand_as(t_reg)) and 0 < float(t_reg[0]) <= 2
+
+
 def test_local_regularizer_rejects_unknown_kinds_and_the_julia_engine():
     prob = pb.ODEProblem(Field(), torch.ones(2, dtype=torch.float64), torch.tensor([0.0, 1.0]).double())
     with pytest.raises(ValueError, match="local_regularizer must be None or one of 'unbiased'"):

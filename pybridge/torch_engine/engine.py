@@ -5,11 +5,11 @@ import functools
 
 import torch
 
-from ..solution import OPTIONAL_COUNTERS, Solution, Stats, Trace
+from ..solution import OPTIONAL_COUNTERS, ReturnCode, Solution, Stats, Trace
 from ..regularization import parse_local_regularizer
 from .explicit_rk import ExplicitRK
 from .explicit_tableaus import EXPLICIT_TABLEAUS
-from .controller import Norm
+from .controller import Norm, initial_step
 from .loop import LoopOptions, integrate
 from .rosenbrock import Rosenbrock
 from .rosenbrock_tableaus import ROSENBROCK_TABLEAUS
@@ -139,17 +139,31 @@ def attach_local_regularizer(sol, res, rhs, method, atol, rtol, lockstep, tau_sa
     from ..regularization import local_error_step
     tau_reg, y_reg = res.probe
     span = tau_save[:, -1] - tau_save[:, 0]
+    # A failed sample's probe may sit where it blew up: it is left out (outside the lockstep norm and
+    # the mean) and steps with dt = 0 from its last accepted state, where f is finite, so that it
+    # cannot make the batch's regularizer or its gradient non-finite. With no successful sample the
+    # regularizer is 0.
+    ok = res.status == int(ReturnCode.Success)
+    dt = None
+    if not bool(ok.all()):
+        tau_reg = torch.where(ok, tau_reg, res.tau)
+        y_reg = torch.where(ok[:, None], y_reg, res.y_end)
+        with torch.no_grad():
+            k1 = rhs(tau_reg, y_reg.detach())
+            dt = initial_step(rhs, tau_reg, y_reg.detach(), k1, method.order, atol, rtol, Norm(lockstep), span)
+        dt = torch.where(ok, dt, torch.zeros_like(dt))
     with torch.enable_grad():
-        r = local_error_step(rhs, method, tau_reg, y_reg, atol, rtol, Norm(lockstep), span, detach_k1)
+        r = local_error_step(rhs, method, tau_reg, y_reg, atol, rtol, Norm(lockstep), span, detach_k1, dt=dt,
+                             valid=ok)
         # One number per step in lockstep (as the papers), a per-sample mean otherwise.
-        sol.local_regularizer = r.mean()
+        sol.local_regularizer = r[ok].mean() if bool(ok.any()) else r.sum() * 0.0
     sol.extras["t_reg"] = tau_reg * direction
 
 
 def _probe(kind, seed, tau_save, lockstep):
     gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
-    if kind == "biased":
-        return ("biased", gen)
+    if kind == "biased":   # (in lockstep one draw per step for the batch: one shared time, as unbiased)
+        return ("biased", (gen, 1 if lockstep else tau_save.shape[0]))
     B = tau_save.shape[0]
     u = torch.rand(1 if lockstep else B, generator=gen, dtype=tau_save.dtype).to(tau_save.device)
     return ("unbiased", tau_save[:, 0] + u * (tau_save[:, -1] - tau_save[:, 0]))

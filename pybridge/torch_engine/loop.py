@@ -49,7 +49,8 @@ class LoopOptions:
     stop_at_saves: bool = False         # step exactly onto save points (no interpolation needed)
     # Local regularization (Pal et al. 2023) needs one detached state per sample at a random time:
     # ("unbiased", tau_reg (B,)) interpolates at a time drawn uniformly in the span;
-    # ("biased", torch.Generator) picks uniformly among the accepted step ends (reservoir sampling).
+    # ("biased", (torch.Generator, draws)) picks uniformly among the accepted step ends (reservoir
+    # sampling; draws = 1 in lockstep: one pick for the batch, B otherwise).
     probe: Optional[tuple] = None
     compile: bool = False               # run each iteration's tensor work as one torch.compile'd graph
 
@@ -676,7 +677,8 @@ def _update_probe(probe, method, accept, finished, tau, h, tau_new, y, step, f_e
         # biased: the k-th eligible step end replaces the kept one with probability 1/k.
         eligible = accept & ~finished
         k = count + 1
-        u = torch.rand(accept.shape, generator=arg, dtype=tau.dtype, device="cpu").to(tau.device)
+        gen, draws = arg
+        u = torch.rand(draws, generator=gen, dtype=tau.dtype, device="cpu").to(tau.device).expand(accept.shape)
         take = eligible & (u * k < 1)
         return torch.where(take, tau_new, probe_tau), torch.where(take[:, None], step.y1.detach(), probe_y)
 
