@@ -358,6 +358,23 @@ class _Backward:
                                "or try InterpolatingAdjoint / DiscreteAdjoint)")
         return sol
 
+    def _backsolve_start(self, j, idle):
+        """Backsolve's y at t_{j+1} and the factor of its derivative (Δ per sample). A sample that
+        failed in the forward solve has no y there (NaN); if the loss does not use it (idle: zero
+        cotangent), it holds its start value, a finite placeholder, still (factor 0)."""
+        y_start, scale = self.ys[j + 1], self.t[:, j + 1:j + 2] - self.t[:, j:j + 1]
+        missing = ~torch.isfinite(y_start).all(-1)
+        if bool(missing.any()):
+            used = missing & ~idle
+            if bool(used.any()):
+                b = int(used.nonzero()[0, 0])
+                raise RuntimeError(f"BacksolveAdjoint: sample {b} failed in the forward solve and the loss uses "
+                                   f"its values after the failure (at t = {float(self.t[b, j + 1]):g}); leave "
+                                   "the failed samples (sol.retcode != 0) out of the loss")
+            y_start = torch.where(missing[:, None], self.ys[0], y_start)
+            scale = torch.where(missing[:, None], torch.zeros_like(scale), scale)
+        return y_start, scale
+
     def _tolerances(self, k):
         """Per-component atol/rtol for the state [k blocks of (B, n), a_θ (P)] (or (B, n) per sample)."""
         o, adj = self.opts, self.adj
@@ -386,9 +403,11 @@ class _Backward:
         B, n, adj = self.B, self.n, self.adj
         t0, dlt = self.t[:, j], self.t[:, j + 1] - self.t[:, j]
         time = lambda s: t0 + s * dlt  # s: 0-d (whole batch) or (B,) (per sample) -> (B,)
-        y_at = None if adj.carries_y else self._y_source(j, idle=(a.reshape(B, n) == 0).all(-1))
+        idle = (a.reshape(B, n) == 0).all(-1)
+        y_at = None if adj.carries_y else self._y_source(j, idle=idle)
         k = 1 + adj.carries_y
         Bn = B * n
+        y_start, dy_scale = (self._backsolve_start(j, idle) if adj.carries_y else (None, None))
 
         def rhs(s, z):
             zz = z.reshape(-1) if self.whole else z
@@ -397,12 +416,12 @@ class _Backward:
             av = zz[(k - 1) * Bn:k * Bn].view(B, n)
             fy, g_y, g_th = self._vjp(t_B, y, av * dlt[:, None], want_y=True, theta=self.theta_in_state)
             self._nfe += 1
-            parts = ([fy * dlt[:, None]] if adj.carries_y else []) + [-g_y]
+            parts = ([fy * dy_scale] if adj.carries_y else []) + [-g_y]
             if not self.whole:
                 return parts[0]
             return torch.cat([p.reshape(-1) for p in parts] + ([-g_th] if self.theta_in_state else []))
 
-        blocks = ([self.ys[j + 1]] if adj.carries_y else []) + [a]
+        blocks = ([y_start] if adj.carries_y else []) + [a]
         if self.whole:
             z0 = torch.cat([b.reshape(-1) for b in blocks] + ([a_th] if self.theta_in_state else []))
         else:

@@ -288,12 +288,13 @@ def test_continuous_adjoints_on_a_stiff_problem(solver, adjoint):
     assert ((gk - gk_ref).abs() / gk_ref.abs()).max() < 1e-3
 
 
-@pytest.mark.parametrize("adjoint", [pb.InterpolatingAdjoint(checkpoints=True), pb.QuadratureAdjoint(checkpoints=True)])
+@pytest.mark.parametrize("adjoint", [pb.InterpolatingAdjoint(checkpoints=True), pb.QuadratureAdjoint(checkpoints=True),
+                                     pb.BacksolveAdjoint()])
 def test_checkpointed_adjoints_leave_out_a_failed_sample_the_loss_does_not_use(adjoint):
     """y' = a·y² from y0 = 2 blows up at t = 0.5 (the solve of that sample fails); the loss uses the
-    other sample only. A checkpoint re-solve of an interval used to start from the failed sample's
-    NaN (a y0 error) or fail again near the blow-up; a sample whose cotangent is zero needs no state,
-    so the gradients equal those without checkpoints."""
+    other sample only. A checkpoint re-solve of an interval, or backsolve's re-integration, used to
+    start from the failed sample's NaN (a y0 error) or fail again near the blow-up; a sample whose
+    cotangent is zero needs no state, so the gradients equal those without checkpoints."""
     a = torch.nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
 
     class F(torch.nn.Module):
@@ -315,3 +316,8 @@ def test_checkpointed_adjoints_leave_out_a_failed_sample_the_loss_does_not_use(a
     for g, ref in zip(grads[1], grads[0]):
         torch.testing.assert_close(g, ref, rtol=1e-5, atol=0)
     assert grads[1][0][1, 0] == 0
+    if isinstance(adjoint, pb.BacksolveAdjoint):   # a loss on the failed sample's NaN values: said so
+        with pytest.warns(RuntimeWarning):
+            sol = pb.solve(pb.ODEProblem(F(), y0, t), pb.Tsit5(), rtol=1e-6, atol=1e-8, adjoint=adjoint)
+        with pytest.raises(RuntimeError, match="sample 1 failed in the forward solve and the loss uses"):
+            torch.autograd.grad(sol.ys[-1].sum(), a)
