@@ -380,8 +380,10 @@ class _Backward:
         o, adj = self.opts, self.adj
         atol = o["atol"] if adj.atol is None else adj.atol
         rtol = o["rtol"] if adj.rtol is None else adj.rtol
-        if not self.whole:
-            return atol, rtol
+        if not self.whole:   # the state is (B, n): a per-component tolerance of y0's shape goes to (B, n)
+            per_sample = lambda tol: (tol.broadcast_to(self.shape).reshape(self.B, self.n)  # noqa: E731
+                                      if isinstance(tol, torch.Tensor) and tol.dim() > 0 else tol)
+            return per_sample(atol), per_sample(rtol)
         P = self.P if self.theta_in_state else 0
         args = (self.shape, k, P, adj.seminorm, self.dtype, self.ys.device)
         return augmented_tolerance(atol, math.inf, *args), augmented_tolerance(rtol, 0.0, *args)

@@ -171,6 +171,24 @@ def test_what_continuous_adjoints_cannot_differentiate_is_said_not_dropped(adj_n
         assert not sol(torch.tensor([0.5], dtype=D)).requires_grad
 
 
+@pytest.mark.parametrize("atol_shape", [(3, 2, 3), (2, 3)])
+def test_per_sample_backward_takes_per_component_tolerances_of_a_multidimensional_state(atol_shape):
+    """QuadratureAdjoint's backward state is (B, n): a tolerance of y0's shape (B, 2, 3), or of one
+    sample's (2, 3), must reach it as (B, n) (it crashed in an expand); equal values give equal results."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 6).double()
+    f = lambda t, y: torch.tanh(lin(y.reshape(y.shape[0], 6))).reshape(y.shape)  # noqa: E731
+    y0 = torch.randn(3, 2, 3, dtype=D, requires_grad=True)
+    t = torch.linspace(0, 1, 3, dtype=D)
+    grads = []
+    for atol in (torch.full(atol_shape, 1e-8, dtype=D), 1e-8):
+        sol = pb.solve(pb.ODEProblem(f, y0, t), pb.Tsit5(), rtol=1e-6, atol=atol, adjoint=QuadratureAdjoint(),
+                       adjoint_params=list(lin.parameters()))
+        grads.append(torch.autograd.grad(sol.ys.square().sum(), [y0] + list(lin.parameters())))
+    for g, ref in zip(*grads):
+        torch.testing.assert_close(g, ref, rtol=1e-12, atol=1e-14)
+
+
 def test_seminorm_tolerance_is_exactly_the_seminorm():
     """inf atol / 0 rtol on the a_θ channels plus the sqrt(m/N) rescale: RMS over N = RMS over m."""
     torch.manual_seed(5)
