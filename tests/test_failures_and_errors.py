@@ -64,6 +64,22 @@ def test_lockstep_stops_a_diverging_sample_and_finishes_the_others():
     assert torch.allclose(sol.ys[-1, 1:, 0], torch.exp(torch.tensor(-1.0, dtype=torch.float64)), rtol=1e-3)
 
 
+@pytest.mark.parametrize("solver", [pb.Tsit5(), pb.Vern7()], ids=lambda s: s.name)
+def test_lockstep_sample_whose_f_is_nan_at_y0_changes_nothing_for_the_others(solver):
+    """Its NaN left the lockstep initial-step norms NaN (the batch started at the fallback 1e-6 and,
+    in float32, stiffness estimates came out 0) and entered the lockstep stiffness mean (all 0)."""
+    a = torch.tensor(1.0)
+    f = lambda t, y: torch.cat([torch.log(y[:1] - 2), -a * y[1:] * torch.tanh(y[1:])])  # noqa: E731
+    t = torch.linspace(0, 1, 3)
+    with pytest.warns(RuntimeWarning, match="sample 0: Unstable"):
+        with_bad = pb.solve(pb.ODEProblem(f, torch.ones(3, 1), t), solver, rtol=1e-6, atol=1e-8, batch="lockstep")
+    alone = pb.solve(pb.ODEProblem(lambda t, y: -a * y * torch.tanh(y), torch.ones(2, 1), t), solver,
+                     rtol=1e-6, atol=1e-8, batch="lockstep")
+    torch.testing.assert_close(with_bad.ys[:, 1:], alone.ys, rtol=0, atol=0)
+    torch.testing.assert_close(with_bad.trace.stiffness[1:], alone.trace.stiffness, rtol=1e-6, atol=0)
+    assert float(alone.trace.stiffness[0, 0]) > 0.5
+
+
 def test_raise_on_failure_names_sample_time_step_and_code():
     with pytest.raises(pb.SolveError, match=r"sample 0: DtLessThanMin at t=0\.7999\d*, dt=\d"):
         pb.solve(blowup_batch(), pb.Tsit5(), raise_on_failure=True)

@@ -146,14 +146,17 @@ class PIController:
 def initial_step(rhs: Callable, t0, y0, f0, order: int, atol, rtol, norm: Norm, dtmax):
     """Hairer–Wanner's starting step (per sample); costs one evaluation of the right-hand side."""
     sk = atol + y0.abs() * rtol
-    d0 = norm(y0 / sk)
-    d1 = norm(f0 / sk)
+    # In lockstep the norms run over the samples where f is finite: one sample whose f is NaN at y0
+    # (it fails at its first step) would otherwise give the whole batch the fallback step 1e-6.
+    valid = rows_finite(f0) if norm.lockstep else None
+    d0 = norm(y0 / sk, valid)
+    d1 = norm(f0 / sk, valid)
     small = (d0 < 1e-5) | (d1 < 1e-5)
     dt0 = torch.where(small, torch.full_like(d0, 1e-6), 0.01 * d0 / torch.where(small, torch.ones_like(d1), d1))
     dt0 = torch.minimum(dt0, dtmax)
     y1 = y0 + dt0[:, None] * f0
     f1 = rhs(t0 + dt0, y1)
-    d2 = norm((f1 - f0) / sk) / dt0
+    d2 = norm((f1 - f0) / sk, None if valid is None else valid & rows_finite(f1)) / dt0
     dmax = torch.maximum(d1, d2)
     tiny = dmax <= 1e-15
     dt1 = torch.where(tiny, torch.clamp(dt0 * 1e-3, min=1e-6),

@@ -1,6 +1,7 @@
 """One generic routine for every explicit Runge–Kutta tableau."""
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -97,7 +98,13 @@ class ExplicitRK:
     def stiffness_from_terms(dk, dg, norm: Norm):
         """The estimate from stiffness_terms, for (..., B, n) stacks of them (the loop computes the
         estimates of many steps at once); both RMS norms in one reduction."""
-        sq = torch.stack([dk, dg]).square()  # (2, ..., B, n)
+        pair = torch.stack([dk, dg])  # (2, ..., B, n)
+        if norm.lockstep:
+            # A stopped sample whose f was not finite would make the batch's means NaN (hence 0):
+            # its rows count as zeros, which cancel in the ratio of the two means.
+            finite = (pair.abs() < math.inf).all(-1).all(0, keepdim=True)
+            pair = torch.where(finite[..., None], pair, 0.0)
+        sq = pair.square()
         ms = sq.mean((-2, -1), keepdim=True)[..., 0] if norm.lockstep else sq.mean(-1)
         num, den = _safe_sqrt(ms).unbind(0)
         ok = den > 0
