@@ -190,7 +190,14 @@ def _resolve_params(prob, adjoint_params):
     for p in params:
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"adjoint_params must be tensors; got {type(p).__name__}")
-    return params
+    return _unique(params)
+
+
+def _unique(params):
+    """Each tensor once (a list such as list(model.parameters()) + [model.c] may repeat one): a
+    repeated input of the autograd Function would receive its gradient once per occurrence."""
+    seen = set()
+    return tuple(p for p in params if not (id(p) in seen or seen.add(id(p))))
 
 
 def _f_time(t_B, per_sample):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .adjoint import (Adjoint, DiscreteAdjoint, _check_closure, _refuse_time_gradients,
+from .adjoint import (Adjoint, DiscreteAdjoint, _check_closure, _refuse_time_gradients, _unique,
                       _values_only_dense_output)
 from .solution import ReturnCode
 
@@ -54,7 +54,7 @@ def _resolve_params(prob, adjoint_params):
         for p in params:
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"adjoint_params must be tensors; got {type(p).__name__}")
-        return params
+        return _unique(params)
     seen, params = set(), []
     for fn in (prob.f, prob.g):
         if isinstance(fn, torch.nn.Module):

@@ -146,6 +146,9 @@ def test_closure_tensors_need_adjoint_params():
     assert rel(g, g_ref) < 1e-5
     with pytest.raises(ValueError, match="checkpoints"):
         InterpolatingAdjoint(checkpoints=3)
+    # A tensor listed twice (list(model.parameters()) + [extra]) gets its gradient once, not twice.
+    g2, _ = grads(f, y0, t, pb.Tsit5(), BacksolveAdjoint(), [W], w, adjoint_params=(W, W), rtol=1e-8, atol=1e-8)
+    assert rel(g2, g_ref) < 1e-5
 
 
 @pytest.mark.parametrize("adj_name", ["backsolve", "interpolating", "quadrature"])
