@@ -6,6 +6,8 @@ taken at a random time (see `local_error_step`), usable with any adjoint.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 REDUCTIONS = ("sum", "mean", "max")
@@ -41,6 +43,12 @@ def stiffness_regularizer(sol, reduction: str = "sum", with_dt: bool = True,
     """R_S = Σ_j S_j·|dt_j| with S the eigenvalue estimate; `ratio=True` divides by the method's
     stability size. The paper's released MNIST code used reduction="max", with_dt=False, ratio=True."""
     tr = sol.trace
+    if ratio and not (tr.stability_size > 0):   # NaN: not characterized (BS3, SDE methods); inf: implicit
+        raise ValueError(f"stiffness_regularizer(ratio=True) divides by the method's stability size, which "
+                         f"{sol.solver!r} does not have (it is {tr.stability_size}); use ratio=False")
+    if ratio and math.isinf(tr.stability_size):
+        raise ValueError(f"stiffness_regularizer(ratio=True): {sol.solver!r} is A-stable (stability size inf), "
+                         "so the ratio would be 0; use ratio=False")
     s = tr.stiffness / tr.stability_size if ratio else tr.stiffness
     return _reduce(s, tr.dt, tr.mask, reduction, with_dt)
 

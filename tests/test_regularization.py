@@ -84,6 +84,13 @@ def test_reductions(reduction):
     assert ratio.item() == pytest.approx((tr.stiffness.amax(-1) / 3.5068).mean().item())
     with pytest.raises(ValueError, match="reduction must be one of"):
         pb.error_regularizer(sol, reduction="median")
+    # A method without a characterized stability size (BS3: NaN), or an A-stable one (inf), has no
+    # ratio to offer: said, rather than a NaN or a silent 0.
+    for solver, match in ((pb.BS3(), "does not have"), (pb.Rodas5P(), "A-stable")):
+        other = pb.solve(pb.ODEProblem(f, torch.ones(2, 2, dtype=torch.float64),
+                                       torch.tensor([0.0, 1.0], dtype=torch.float64)), solver)
+        with pytest.raises(ValueError, match=match):
+            pb.stiffness_regularizer(other, ratio=True)
 
 
 def test_error_regularizer_refuses_methods_without_estimate():
