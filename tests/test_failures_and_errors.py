@@ -80,6 +80,27 @@ def test_lockstep_sample_whose_f_is_nan_at_y0_changes_nothing_for_the_others(sol
     assert float(alone.trace.stiffness[0, 0]) > 0.5
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(batch="lockstep"), dict(adaptive=False, dt=0.1),
+                                dict(solver=pb.Rodas5P())], ids=["independent", "lockstep", "fixed", "Rodas5P"])
+def test_a_sample_whose_f_is_nan_at_y0_leaves_shared_gradients_finite(kw):
+    """f = −√(a(y − 2)) is NaN at y0 = 1: that sample fails at once. Its f(t0, y0) in the graph made
+    the shared parameter's gradient NaN (zero cotangent × infinite derivative); it now holds a
+    stand-in state, and the other sample's gradient is the one it has solved alone."""
+    kw = dict(kw)
+    solver = kw.pop("solver", pb.Tsit5())
+    a = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    f = lambda t, y: -torch.sqrt(a * (y - 2))  # noqa: E731
+    t = torch.linspace(0, 1, 3, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="sample 0: Unstable"):
+        sol = pb.solve(pb.ODEProblem(f, torch.tensor([[1.0], [3.0]], dtype=torch.float64), t), solver,
+                       rtol=1e-8, atol=1e-10, **kw)
+    assert sol.ys[0, 0, 0] == 1.0 and torch.isnan(sol.ys[1:, 0]).all()
+    g, = torch.autograd.grad(sol.ys[-1, 1].sum(), a)
+    solo = pb.solve(pb.ODEProblem(f, torch.tensor([[3.0]], dtype=torch.float64), t), solver, rtol=1e-8, atol=1e-10, **kw)
+    g_solo, = torch.autograd.grad(solo.ys[-1, 0].sum(), a)
+    torch.testing.assert_close(g, g_solo, rtol=1e-6, atol=0)
+
+
 def test_raise_on_failure_names_sample_time_step_and_code():
     with pytest.raises(pb.SolveError, match=r"sample 0: DtLessThanMin at t=0\.7999\d*, dt=\d"):
         pb.solve(blowup_batch(), pb.Tsit5(), raise_on_failure=True)

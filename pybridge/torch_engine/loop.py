@@ -250,6 +250,22 @@ def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, a
         return run(rhs, method, tau_save, y0, atol, rtol, opts)
 
 
+def stand_in_where_f_fails_at_start(rhs, tau, y0, k1):
+    """(y, k1, failed): the state the loop starts from, f there, and the samples that fail at once.
+
+    A sample whose f(t0, y0) is not finite fails before its first step. With gradients, its f at
+    y0 must not stay in the graph: a zero cotangent through f's non-finite derivative there is NaN
+    for the parameters every sample shares. So it holds a stand-in state (the first finite
+    sample's y0) from then on; its reported values are y0 at t0 and NaN after, as for any failure.
+    Costs one more call of f, only when that happens."""
+    failed = ~rows_finite(k1)
+    if not torch.is_grad_enabled() or not bool(failed.any()) or bool(failed.all()):
+        return y0, k1, (failed if bool(failed.any()) else None)
+    first_finite = int((~failed).nonzero()[0, 0])
+    y = torch.where(failed[:, None], y0[first_finite].detach(), y0)
+    return y, rhs(tau, y), failed
+
+
 def _call(step, *args):
     return step(*args)
 
@@ -351,8 +367,7 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
     dtmax = span if opts.dtmax is None else torch.clamp(span, max=opts.dtmax)
 
     nfe = torch.ones(B, dtype=torch.long, device=device)
-    y = y0
-    k1 = rhs(tau, y)
+    y, k1, failed_at_start = stand_in_where_f_fails_at_start(rhs, tau, y0, rhs(tau, y0))
     if opts.dt is not None:
         # A tensor gives per-sample first steps (the SDE engine computes its own initial step).
         dt = (opts.dt.to(tau).expand_as(tau).clone() if isinstance(opts.dt, torch.Tensor)
@@ -368,6 +383,8 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
             dt = dt.min().expand(B).contiguous()  # (one layout for every iteration: no recompiles)
     errold = controller.initial_errold(tau)
     status = torch.full((B,), RUNNING, dtype=torch.long, device=device)
+    if failed_at_start is not None:
+        status = torch.where(failed_at_start, int(ReturnCode.Unstable), status)
     counters = {}
     # Per-iteration bookkeeping is kept as lists and reduced once after the loop (fewer ops per step).
     actives, step_nfes, extra_evals = [], [], []
