@@ -156,7 +156,7 @@ def attach_local_regularizer(sol, res, rhs, method, atol, rtol, lockstep, tau_sa
         r = local_error_step(rhs, method, tau_reg, y_reg, atol, rtol, Norm(lockstep), span, detach_k1, dt=dt,
                              valid=ok)
         # One number per step in lockstep (as the papers), a per-sample mean otherwise.
-        sol.local_regularizer = r[ok].mean() if bool(ok.any()) else r.sum() * 0.0
+        sol.local_regularizer = r[ok].mean() if bool(ok.any()) else torch.zeros((), dtype=r.dtype, device=r.device)
     sol.extras["t_reg"] = tau_reg * direction
 
 
