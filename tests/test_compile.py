@@ -274,3 +274,18 @@ def test_each_kind_of_iteration_compiles_into_code_of_its_own():
     assert entries(tsit5) == tsit5_entries   # DP5's graph did not join Tsit5's cache
     tsit5_again, new_kinds = code_of(pb.Tsit5())
     assert tsit5_again is tsit5 and new_kinds == 0 and entries(tsit5) == tsit5_entries
+
+
+def test_a_first_compiled_training_solve_compiles_one_graph():
+    """y0 without grad, f's parameters with: from the second iteration on the state carries their
+    graph, so the first iteration (y0 alone) had a graph of its own, compiled on top."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    y0 = torch.randn(3, 3, dtype=torch.float64)   # (shapes no other test compiles)
+    before = counters["stats"]["unique_graphs"]
+    sol = pb.solve(pb.ODEProblem(lambda t, y: net(y), y0, T), pb.Tsit5(), rtol=1e-6, atol=1e-8, compile=True)
+    assert counters["stats"]["unique_graphs"] - before == 1
+    sol.ys.square().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters())

@@ -201,3 +201,11 @@ def test_fixed_steps_differentiate_the_save_times():
         torch.testing.assert_close(g[1], -2 * sol.ys[-1, 0, 0].detach(), rtol=1e-4, atol=0)
         grads.append(g)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=0)
+    # A save time that a step ends on (0.5 = 5·0.1 exactly; 0.3 is not 3·0.1 in binary) moves its
+    # value along f there: it had a zero gradient. Adaptive steps too (the end, aimed at, once).
+    for solver, kw in ((pb.RK4(), dict(dt=0.1)), (pb.RK4(), dict(dt=0.1, dense=True)), (pb.Tsit5(), dict())):
+        t = torch.tensor([0.0, 0.3, 0.5, 1.0], dtype=torch.float64, requires_grad=True)
+        sol = pb.solve(pb.ODEProblem(lambda t, y: -y, torch.ones(1, dtype=torch.float64), t), solver,
+                       rtol=1e-10, atol=1e-12, **kw)
+        (g,) = torch.autograd.grad(sol.ys[1:].sum(), t)
+        torch.testing.assert_close(g[1:], -torch.exp(-t[1:].detach()), rtol=1e-4, atol=0)

@@ -30,7 +30,8 @@ from ..solution import ReturnCode
 from .brownian import VirtualBrownianTree
 from .controller import Norm, constant, error_norm, rows_both_finite, rows_finite
 from .loop import (SAVE_BUFFER_ELEMENTS, LoopResult, _assemble_saves, _flush_saves, _flush_stiffness, compiled,
-                   end_saves, saves_end_only, stand_in_where_f_fails_at_start, tolerance_inputs)
+                   as_later_iterations_state, end_saves, saves_end_only, stand_in_where_f_fails_at_start,
+                   tolerance_inputs)
 
 HOST_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 # Brownian increments fetched per batched tree query (elements: steps × samples × dimensions).
@@ -168,6 +169,7 @@ def integrate_fixed(rhs, method, tau_save, y0, atol, rtol, opts, grid: StepGrid,
     tau = starts[0]
     if opts.compile:  # the first step's inputs in the later steps' memory layout: one graph, not two
         tau, y, k1 = (x.clone(memory_format=torch.contiguous_format) for x in (tau, y, k1))
+        y = as_later_iterations_state(y, k1)
     alive = torch.ones(B, dtype=torch.bool, device=device)
     if failed_at_start is not None:
         alive = ~failed_at_start

@@ -266,6 +266,13 @@ def stand_in_where_f_fails_at_start(rhs, tau, y0, k1):
     return y, rhs(tau, y), failed
 
 
+def as_later_iterations_state(y, k1):
+    """With f's parameters requiring grad, the state carries their graph from the second iteration
+    on; a y0 that does not require grad would give the first compiled iteration a graph of its own
+    (a requires_grad guard). y0 as a leaf that requires grad keeps one graph for every iteration."""
+    return y.detach().requires_grad_() if k1.requires_grad and not y.requires_grad else y
+
+
 def _call(step, *args):
     return step(*args)
 
@@ -416,6 +423,7 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
         # and the state in one memory layout (a (1,) view of tau_save has stride T, later ones 1).
         atol, rtol = tolerance_inputs(atol, rtol, dtype, device)
         tau, y, dt, k1, errold = (x.clone(memory_format=torch.contiguous_format) for x in (tau, y, dt, k1, errold))
+        y = as_later_iterations_state(y, k1)
     # With gradients, a step that overflows is taken again with its overflowing samples at h = 0: a
     # zero cotangent times an infinite partial derivative is NaN, which would otherwise reach the
     # gradients of parameters every sample shares. It costs a second Advance only when it happens.
@@ -501,7 +509,8 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
             # every value here is a step's y1: an interpolant's lazy stages are not evaluated.
             vals = method.interpolate(y, h, step.ks, step.y1, f_end, theta)
             at_end = (tq >= tau_new[:, None])[..., None]
-            vals = torch.where(at_end, step.y1[:, None], vals)
+            vals = torch.where(at_end, _value_at_step_end(step.y1[:, None], f_end[:, None], tq[..., None],
+                                                          tau_new[:, None, None]), vals)
             saved_vals.append(vals)
             saved_idx.append(torch.where(valid, idx, T))
             next_save = next_save + nsave
@@ -636,10 +645,19 @@ def _flush_saves(method, pending, tau_save, next_save, saved_vals, saved_idx, rh
     else:
         ks_m = pick(kss)
     vals = method.interpolate(pick(ys), h_m, ks_m, y1_m, pick(fs), theta)[:, 0]
-    vals = torch.where((tq >= tnew_m)[:, None], y1_m, vals)
+    vals = torch.where((tq >= tnew_m)[:, None], _value_at_step_end(y1_m, pick(fs), tq[:, None], tnew_m[:, None]),
+                       vals)
     saved_vals.append(vals.reshape(B, K, -1))
     saved_idx.append(torch.where(valid, idx, T))
     return next_save + nsave
+
+
+def _value_at_step_end(y1, f1, tq, t1):
+    """y at a save time tq equal to the step's end t1: y1 + (tq − t1)·f(t1, y1), which is y1 itself.
+    With t requiring grad the form matters: dy/dtq = f1 where the step ended on t0 + k·dt, which
+    does not move with tq (y1 alone gave such a save time a zero gradient), and 0 + dy1/dtq where
+    the step was aimed at tq (t1 is tq there, and y1 depends on it through h)."""
+    return y1 + (tq - t1) * f1 if tq.requires_grad else y1
 
 
 def _assemble_saves(y0, vals, idx, T):
