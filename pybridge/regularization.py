@@ -78,7 +78,8 @@ def local_error_step(rhs, method, tau_reg, y_reg, atol, rtol, norm, dtmax, detac
     u(t_reg) and the step dt (the automatic initial step there unless given) are detached; the
     gradient reaches the parameters through every stage, k1 = f(t_reg, u_r) included unless
     detach_k1 (the paper's code: through k2…k_s only; see LOCAL_KINDS for why that is not the
-    default). Returns (B,) values. valid (B,): the samples a lockstep norm runs over (others: 0).
+    default). Returns (B,) values. valid (B,): the samples that count; the others step with dt = 0
+    (no error, no gradient) and stay out of a lockstep norm.
     """
     from .torch_engine.controller import error_norm, initial_step
 
@@ -88,6 +89,8 @@ def local_error_step(rhs, method, tau_reg, y_reg, atol, rtol, norm, dtmax, detac
     if dt is None:
         with torch.no_grad():
             dt = initial_step(rhs, tau_reg, y, k1.detach(), method.order, atol, rtol, norm, dtmax)
+    if valid is not None:
+        dt = torch.where(valid, dt, torch.zeros_like(dt))
     step = method.step(rhs, tau_reg, y, dt, k1)
     if step.err is None:
         raise ValueError("local regularization needs a method with an error estimate")

@@ -9,7 +9,7 @@ from ..solution import OPTIONAL_COUNTERS, ReturnCode, Solution, Stats, Trace
 from ..regularization import parse_local_regularizer
 from .explicit_rk import ExplicitRK
 from .explicit_tableaus import EXPLICIT_TABLEAUS
-from .controller import Norm, initial_step
+from .controller import Norm
 from .loop import LoopOptions, integrate
 from .rosenbrock import Rosenbrock
 from .rosenbrock_tableaus import ROSENBROCK_TABLEAUS
@@ -144,17 +144,11 @@ def attach_local_regularizer(sol, res, rhs, method, atol, rtol, lockstep, tau_sa
     # cannot make the batch's regularizer or its gradient non-finite. With no successful sample the
     # regularizer is 0.
     ok = res.status == int(ReturnCode.Success)
-    dt = None
     if not bool(ok.all()):
         tau_reg = torch.where(ok, tau_reg, res.tau)
         y_reg = torch.where(ok[:, None], y_reg, res.y_end)
-        with torch.no_grad():
-            k1 = rhs(tau_reg, y_reg.detach())
-            dt = initial_step(rhs, tau_reg, y_reg.detach(), k1, method.order, atol, rtol, Norm(lockstep), span)
-        dt = torch.where(ok, dt, torch.zeros_like(dt))
     with torch.enable_grad():
-        r = local_error_step(rhs, method, tau_reg, y_reg, atol, rtol, Norm(lockstep), span, detach_k1, dt=dt,
-                             valid=ok)
+        r = local_error_step(rhs, method, tau_reg, y_reg, atol, rtol, Norm(lockstep), span, detach_k1, valid=ok)
         # One number per step in lockstep (as the papers), a per-sample mean otherwise.
         sol.local_regularizer = r[ok].mean() if bool(ok.any()) else torch.zeros((), dtype=r.dtype, device=r.device)
     sol.extras["t_reg"] = tau_reg * direction

@@ -259,8 +259,10 @@ def stand_in_where_f_fails_at_start(rhs, tau, y0, k1):
     sample's y0) from then on; its reported values are y0 at t0 and NaN after, as for any failure.
     Costs one more call of f, only when that happens."""
     failed = ~rows_finite(k1)
-    if not torch.is_grad_enabled() or not bool(failed.any()) or bool(failed.all()):
-        return y0, k1, (failed if bool(failed.any()) else None)
+    if not bool(failed.any()):   # (the one host read, once per solve)
+        return y0, k1, None
+    if not torch.is_grad_enabled() or bool(failed.all()):
+        return y0, k1, failed
     first_finite = int((~failed).nonzero()[0, 0])
     y = torch.where(failed[:, None], y0[first_finite].detach(), y0)
     return y, rhs(tau, y), failed
