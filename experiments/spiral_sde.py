@@ -72,8 +72,9 @@ def run_solve(model, B, seed, tol, local=None):
     prob = pb.SDEProblem(model.f, model.g, Y0.expand(B, 2).clone(), T)
     bm = pb.VirtualBrownianTree(0.0, 1.0, (B, 2), seed=seed, levy_area=True, tol=TREE_TOL)
     # Lockstep: one step size and one EEst per step for the whole batch of paths, as in the papers.
-    return pb.solve(prob, pb.SOSRI(), rtol=tol, atol=tol, brownian=bm, local_regularizer=local, seed=seed,
-                    max_steps=2000, batch="lockstep")
+    # (seed= draws the local regularizer's time; the tree already fixes the path)
+    return pb.solve(prob, pb.SOSRI(), rtol=tol, atol=tol, brownian=bm, local_regularizer=local,
+                    seed=seed if local else None, max_steps=2000, batch="lockstep")
 
 
 def moment_loss(ys, target):

@@ -74,6 +74,7 @@ class _ContinuousAdjoint(Adjoint):
         sol = holder["sol"]
         sol.ys = ys
         _values_only_dense_output(sol, self)
+        _values_only_trace(sol, self)
         return sol
 
     @property
@@ -142,6 +143,20 @@ def _values_only_dense_output(sol, adjoint):
         out = interpolant(t)
         return _NoGradient.apply(out, anchor, message) if torch.is_grad_enabled() else out
     sol._interpolant = values
+
+
+def _values_only_trace(sol, adjoint):
+    """The trace of a solve under a continuous adjoint has no graph either: error_regularizer(sol)
+    and stiffness_regularizer(sol) would silently add nothing to the gradient. Their backward raises."""
+    trace = sol.trace
+    if trace is None or not sol.ys.requires_grad or not torch.is_grad_enabled():
+        return
+    message = (f"sol.trace (and error_regularizer / stiffness_regularizer, built on it) is not differentiable "
+               f"under adjoint={type(adjoint).__name__}(): the forward solve keeps no graph. Use "
+               "adjoint=pb.DiscreteAdjoint() for the global regularizers, or solve(..., local_regularizer=...), "
+               "which works with every adjoint; detach() the trace where only its values are wanted")
+    for name in ("dt", "eest", "stiffness"):
+        setattr(trace, name, _NoGradient.apply(getattr(trace, name), sol.ys, message))
 
 
 class _NoGradient(torch.autograd.Function):

@@ -19,7 +19,7 @@ METHODS = {
 OPTIONS = {"step_size": "dt", "first_step": "dt", "max_num_steps": "max_steps", "dtype": None, "interp": None}
 # Options torchdiffeq's fixed-grid solvers do not take (it warns and ignores them), and its adaptive ones'
 FIXED_GRID_IGNORES = {"first_step", "max_num_steps"}
-ADAPTIVE_IGNORES = {"interp"}
+ADAPTIVE_IGNORES = {"interp", "step_size"}
 
 
 def odeint(func, y0, t, *, rtol: float = 1e-7, atol: float = 1e-9, method: str | None = "dopri5",
@@ -42,6 +42,8 @@ def odeint(func, y0, t, *, rtol: float = 1e-7, atol: float = 1e-9, method: str |
     method = "dopri5" if method is None else method
     if method not in METHODS:
         raise ValueError(f"odeint: unknown method {method!r}; pybridge supports {sorted(METHODS)}")
+    if isinstance(y0, tuple):   # (its options are read once, by the call on the packed state)
+        return _odeint_tuple(func, y0, t, rtol, atol, method, options, _adjoint)
     kwargs = {}
     solver = METHODS[method]()
     ignored = FIXED_GRID_IGNORES if not solver.adaptive else ADAPTIVE_IGNORES
@@ -58,8 +60,6 @@ def odeint(func, y0, t, *, rtol: float = 1e-7, atol: float = 1e-9, method: str |
             kwargs[OPTIONS[key]] = float(val) if OPTIONS[key] == "dt" else int(val)
     if _adjoint is not None:
         kwargs["adjoint"], kwargs["adjoint_params"] = _adjoint
-    if isinstance(y0, tuple):
-        return _odeint_tuple(func, y0, t, rtol, atol, method, kwargs, interp)
     t = _as_times(t, y0)
     if isinstance(t, torch.Tensor) and t.dim() == 1 and t.shape[0] == 1:
         return y0[None]  # (torchdiffeq returns the initial state alone)
@@ -146,7 +146,7 @@ def _as_times(t, y0):
     return t
 
 
-def _odeint_tuple(func, y0s, t, rtol, atol, method, kwargs, interp):
+def _odeint_tuple(func, y0s, t, rtol, atol, method, options, adjoint):
     """torchdiffeq accepts a tuple state: pack it into one flat vector and unpack the result."""
     shapes = [y.shape for y in y0s]
     sizes = [y.numel() for y in y0s]
@@ -158,12 +158,7 @@ def _odeint_tuple(func, y0s, t, rtol, atol, method, kwargs, interp):
     def flat_func(tt, flat):
         return torch.cat([d.reshape(-1) for d in func(tt, unpack(flat))])
 
-    adjoint = (kwargs["adjoint"], kwargs["adjoint_params"]) if "adjoint" in kwargs else None
     ys = odeint(flat_func, flat0, _as_times(t, flat0), rtol=rtol, atol=atol, method=method,
-                options=dict(_back(kwargs), interp=interp), _adjoint=adjoint)
+                options=options, _adjoint=adjoint)
     return tuple(p.reshape((ys.shape[0],) + tuple(s)) for p, s in zip(torch.split(ys, sizes, dim=1), shapes))
 
-
-def _back(kwargs):
-    inverse = {"dt": "step_size", "max_steps": "max_num_steps"}
-    return {inverse[k]: v for k, v in kwargs.items() if k in inverse}

@@ -172,6 +172,14 @@ def test_what_continuous_adjoints_cannot_differentiate_is_said_not_dropped(adj_n
     torch.testing.assert_close(g, torch.tensor(-math.exp(-1.0), dtype=D), rtol=1e-6, atol=0)
     with torch.no_grad():
         assert not sol(torch.tensor([0.5], dtype=D)).requires_grad
+    # The global regularizers read the trace, which has no graph here either (they added nothing).
+    r_e = pb.error_regularizer(sol)
+    torch.testing.assert_close(r_e.detach(), pb.error_regularizer(pb.solve(pb.ODEProblem(f, y0, t), pb.Tsit5(),
+                               rtol=1e-8, atol=1e-10)).detach(), rtol=1e-12, atol=0)
+    with pytest.raises(RuntimeError, match=r"sol.trace .*error_regularizer.* is not differentiable under adjoint="):
+        torch.autograd.grad(sol.ys[-1].sum() + r_e, a)
+    with pytest.raises(RuntimeError, match=r"sol.trace .* is not differentiable under adjoint="):
+        torch.autograd.grad(sol.ys[-1].sum() + pb.stiffness_regularizer(sol), a)
 
 
 @pytest.mark.parametrize("atol_shape", [(3, 2, 3), (2, 3)])

@@ -1,6 +1,7 @@
 """gradcheck (float64) through every explicit method w.r.t. y0 and an nn.Module's parameters,
 batched (both batch modes) and unbatched; the trace's eest is differentiable."""
 import contextlib
+import warnings
 import pytest
 import torch
 
@@ -148,6 +149,32 @@ def test_a_diverging_sample_leaves_shared_parameter_gradients_finite(batch, adap
         alone = solve(torch.tensor([[0.1], [0.2]], dtype=torch.float64), rate)
         (grad_alone,) = torch.autograd.grad(alone.ys[-1].sum(), rate)
         torch.testing.assert_close(grad, grad_alone, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("method", ["BS3", "DP5", "Tsit5", "Vern7"])
+@pytest.mark.parametrize("batch", ["independent", "lockstep"])
+def test_a_sample_whose_last_stage_overflows_leaves_shared_gradients_finite(method, batch):
+    """y' = p·exp(3y) from y0 = 1 blows up at t ≈ 0.017: a step can end on a finite y1 whose
+    f(t1, y1) (Tsit5's and DP5's last stage, part of their error estimate) is infinite. That stage
+    was left in the graph, so the gradient of p, which the samples share, was NaN."""
+    def solve(y0, p):
+        prob = pb.ODEProblem(lambda t, y: p * torch.exp(3 * y), y0, torch.tensor([0.0, 1.0], dtype=torch.float64))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return pb.solve(prob, getattr(pb, method)(), batch=batch)
+
+    p = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    sol = solve(torch.tensor([[-3.0], [1.0]], dtype=torch.float64), p)
+    assert sol.retcode[1] != int(pb.ReturnCode.Success)
+    (grad,) = torch.autograd.grad(sol.ys[-1, 0].sum(), p)
+    assert torch.isfinite(grad)
+    with torch.no_grad():   # the guard changes no value or code
+        plain = solve(torch.tensor([[-3.0], [1.0]], dtype=torch.float64), p)
+    torch.testing.assert_close(sol.ys.detach(), plain.ys, rtol=0, atol=0, equal_nan=True)
+    assert sol.retcodes == plain.retcodes
+    if batch == "independent":
+        (alone,) = torch.autograd.grad(solve(torch.tensor([[-3.0]], dtype=torch.float64), p).ys[-1].sum(), p)
+        torch.testing.assert_close(grad, alone, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("method, kw", [

@@ -1,9 +1,13 @@
 """The stiff methods' batched LU (linear_solve.py): the unrolled factorisation used inside compiled
-graphs agrees with LAPACK's (pivots, solutions, singular samples) and is differentiable."""
+graphs and the native C one agree with LAPACK's (pivots, solutions, singular samples) and are
+differentiable."""
+import shutil
+import warnings
+
 import pytest
 import torch
 
-from pybridge.torch_engine import linear_solve
+from pybridge.torch_engine import linear_solve, native_lu
 
 SIZES = range(1, linear_solve.UNROLLED_MAX_N + 1)
 
@@ -50,9 +54,63 @@ def test_singular_sample_keeps_gradients_finite():
     assert (M.grad[2] == 0).all()
 
 
-def test_factor_uses_lapack_outside_compiled_graphs():
-    assert isinstance(linear_solve.factor(batch(2)), linear_solve.LapackLU)
-    assert isinstance(linear_solve.factor(batch(linear_solve.UNROLLED_MAX_N + 1)), linear_solve.LapackLU)
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this machine")
+def test_native_lu_builds_where_there_is_a_compiler():
+    assert native_lu.library() is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n", [1, 2, 5, 20])
+def test_native_lu_agrees_with_lapack(n, dtype):
+    M = batch(n).to(dtype)
+    r = torch.randn(M.shape[0], n, dtype=dtype)
+    lapack, native = linear_solve._lapack(M), native_lu.factor(M)
+    assert torch.equal(native.ok, lapack.ok)
+    assert not native.ok[2] and not native.ok[3] and native.ok[[0, 1]].all()
+    ok = lapack.ok
+    torch.testing.assert_close(native.piv.T[ok] + 1, lapack.piv.long()[ok], rtol=0, atol=0)
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    expected = torch.linalg.solve(M[ok], r[ok])
+    torch.testing.assert_close(native.solve(r)[ok], expected, rtol=tol, atol=tol)
+    torch.testing.assert_close(native.solve(r)[~ok], r[~ok], rtol=0, atol=0)   # the identity
+
+
+@pytest.mark.parametrize("n", [1, 3, 6])
+def test_native_lu_gradients(n):
+    M = batch(n, B=4)[[0, 1]].requires_grad_()
+    r = torch.randn(2, n, dtype=torch.float64, requires_grad=True)
+    solve = lambda M, r: native_lu.factor(M).solve(r)  # noqa: E731
+    assert torch.autograd.gradcheck(solve, (M, r))
+    assert torch.autograd.gradgradcheck(solve, (M, r))
+
+
+def test_native_singular_sample_keeps_gradients_finite():
+    M = batch(5, B=4).requires_grad_()
+    native_lu.factor(M).solve(torch.ones(4, 5, dtype=torch.float64)).sum().backward()
+    assert torch.isfinite(M.grad).all()
+    assert (M.grad[2] == 0).all() and (M.grad[3] == 0).all()
+
+
+def test_factor_outside_compiled_graphs_is_native_on_the_cpu_else_lapack(monkeypatch):
+    expected = native_lu.NativeLU if native_lu.library() is not None else linear_solve.LapackLU
+    assert isinstance(linear_solve.factor(batch(2)), expected)
+    assert isinstance(linear_solve.factor(batch(linear_solve.UNROLLED_MAX_N + 1)), expected)
+    assert isinstance(linear_solve.factor(batch(3).to(torch.complex128)), linear_solve.LapackLU)
+    monkeypatch.setattr(native_lu, "_tried", False)
+    monkeypatch.setenv("PYBRIDGE_NATIVE_LU", "0")
+    assert isinstance(linear_solve.factor(batch(3)), linear_solve.LapackLU)
+
+
+def test_a_failed_build_warns_and_falls_back_to_lapack(monkeypatch, tmp_path):
+    monkeypatch.setattr(native_lu, "_tried", False)
+    monkeypatch.setattr(native_lu, "_library", None)
+    monkeypatch.setenv("PYBRIDGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")          # a "compiler" that always fails
+    with pytest.warns(UserWarning, match="could not build the native batched LU"):
+        assert isinstance(linear_solve.factor(batch(3)), linear_solve.LapackLU)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")           # warned once, not at every factorisation
+        assert isinstance(linear_solve.factor(batch(3)), linear_solve.LapackLU)
 
 
 def test_factor_unrolls_inside_compiled_graphs():

@@ -1,5 +1,6 @@
 """pb.odeint is a drop-in for torchdiffeq.odeint: same results (to tolerance), shapes, tuple
 states and gradients."""
+import warnings
 import pytest
 import torch
 
@@ -64,7 +65,9 @@ def test_tuple_state():
 
     y0 = (torch.tensor([1.0, 0.5], dtype=torch.float64), torch.zeros(2, 1, dtype=torch.float64)[:, 0])
     y0 = (torch.tensor([1.0, 0.5], dtype=torch.float64), torch.tensor([0.0, 0.1], dtype=torch.float64))
-    ours = pb.odeint(f, y0, T, rtol=1e-9, atol=1e-11)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # (it warned that dopri5 ignores an option no one passed)
+        ours = pb.odeint(f, y0, T, rtol=1e-9, atol=1e-11)
     ref = tdq.odeint(f, y0, T, rtol=1e-9, atol=1e-11)
     assert isinstance(ours, tuple) and len(ours) == 2
     for o, r in zip(ours, ref):
@@ -197,5 +200,8 @@ def test_options_torchdiffeq_ignores_are_ignored_with_a_warning():
     torch.testing.assert_close(ys, tdq.odeint(f, Y0, T, method="euler"), rtol=1e-12, atol=1e-12)
     with pytest.warns(UserWarning, match="'dopri5' ignores option 'interp'"):
         pb.odeint(f, Y0, T, options={"interp": "cubic"})
+    with pytest.warns(UserWarning, match="'dopri5' ignores option 'step_size'"):   # (not a first step)
+        ys = pb.odeint(f, Y0, T, options={"step_size": 0.5})
+    torch.testing.assert_close(ys, pb.odeint(f, Y0, T), rtol=0, atol=0)
     with pytest.raises(ValueError, match="interp must be 'linear' or 'cubic'"):
         pb.odeint(f, Y0, T, method="rk4", options={"step_size": 0.1, "interp": "quintic"})

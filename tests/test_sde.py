@@ -385,6 +385,8 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match=r"brownian has dtype torch.float32; this problem's y0 is torch.float64"):
         pb.solve(pb.SDEProblem(f, g, y0, t), pb.EM(), dt=0.1,
                  brownian=pb.VirtualBrownianTree(0.0, 1.0, (3, 2), dtype=torch.float32))
+    with pytest.raises(ValueError, match="seed picks the Brownian path, but brownian= already fixes it"):
+        pb.solve(pb.SDEProblem(f, g, y0, t), pb.EM(), dt=0.1, seed=3, brownian=pb.VirtualBrownianTree(0.0, 1.0, (3, 2)))
     with pytest.raises(ValueError, match="needs the space-time Lévy area"):
         pb.solve(pb.SDEProblem(f, g, y0, t), pb.SOSRI(), brownian=pb.VirtualBrownianTree(0.0, 1.0, (3, 2)))
     with pytest.raises(ValueError, match="needs solver=pb.ReversibleHeun"):

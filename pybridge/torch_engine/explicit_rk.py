@@ -27,8 +27,6 @@ class ExplicitRK:
         self.tableau = tableau
         self.order = tableau.order
         self.fsal = tableau.fsal
-        # The last stage is f(t1, y1) and enters the error estimate (zero weights are kept: combine).
-        self.error_includes_end = tableau.fsal and tableau.adaptive
         self.adaptive = tableau.adaptive
         self.stability_size = tableau.stability_size
         as_tensor = lambda v: torch.tensor(v, dtype=dtype, device=device)

@@ -4,10 +4,13 @@ A sample whose matrix is singular is factored as the identity instead (its ``ok`
 that nothing in the graph, forward or backward, becomes non-finite; the method turns that sample's
 proposal into NaN and the loop rejects it.
 
-Two implementations of one contract: ``factor(M)`` returns factors with ``.solve(r)``, ``.ok`` and
+Three implementations of one contract: ``factor(M)`` returns factors with ``.solve(r)``, ``.ok`` and
 ``.detach()``:
 
-- LAPACK (``torch.linalg.lu_factor_ex`` / ``lu_solve``): every size, eager or compiled.
+- LAPACK (``torch.linalg.lu_factor_ex`` / ``lu_solve``): every size and device, eager or compiled.
+- native_lu.py's C kernels, on the CPU where a C compiler is at hand: one call per factorisation
+  and per solve for the whole batch, with the batch as the vectorised inner loop, where LAPACK
+  makes one call per matrix (3× faster factorisation, 3.5× faster solves for 256 systems of 20).
 - Unrolled Gaussian elimination with partial pivoting, on one (B,) tensor per matrix entry. Used
   inside a compiled graph for n ≤ ``UNROLLED_MAX_N``: there the whole factorisation and every solve
   become pointwise arithmetic that inductor fuses with the step's other kernels, where LAPACK
@@ -21,6 +24,8 @@ from __future__ import annotations
 from typing import List, NamedTuple
 
 import torch
+
+from . import native_lu
 
 # Above this size the unrolled code (~n³ pointwise operations) compiles slowly and no longer beats
 # LAPACK's calls. Compiled Rodas5P steps, one sample of a stiff nonlinear system (2026-12-03):
@@ -70,9 +75,12 @@ class UnrolledLU(NamedTuple):
 
 
 def factor(M: torch.Tensor):
-    """LU factors of M (B, n, n); the unrolled form inside a compiled graph for small n."""
+    """LU factors of M (B, n, n): unrolled inside a compiled graph for small n, else native on the
+    CPU where it could be built, else LAPACK."""
     if M.shape[-1] <= UNROLLED_MAX_N and torch.compiler.is_compiling():
         return _unrolled(M)
+    if native_lu.available(M):
+        return native_lu.factor(M)
     return _lapack(M)
 
 

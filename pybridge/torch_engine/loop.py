@@ -116,7 +116,6 @@ class Advance:
         self.code = {rc: constant(int(rc), code_like) for rc in ReturnCode}
         self.defer_stiffness = hasattr(method, "stiffness_terms")
         # An adaptive FSAL Runge–Kutta method's error estimate includes f(t1, y1), its last stage.
-        self.end_in_error_estimate = opts.adaptive and getattr(method, "error_includes_end", False)
         # Fixed steps cannot retry; in lockstep one dt serves everyone, so a diverging sample is
         # stopped rather than allowed to shrink the batch's step. Otherwise it retries smaller.
         self.stop_diverged = not opts.adaptive or opts.lockstep
@@ -172,10 +171,9 @@ class Advance:
         evaluated_end = f_end is None
         if evaluated_end:
             f_end = self.rhs(t_end if frozen is None else torch.where(frozen, tau, t_end), step.y1)
-        if self.end_in_error_estimate:  # (a non-finite last stage already makes EEst infinite)
-            finite_y1 = rows_finite(step.y1)
-        else:
-            finite_y1 = rows_both_finite(step.y1, f_end)
+        # (Also where the last stage is in the error estimate, which it makes infinite: with
+        # gradients, that infinite stage must not stay in the graph either.)
+        finite_y1 = rows_both_finite(step.y1, f_end)
         blew_up = active & ~finite_y1 if self.guard_blowups and frozen is None else None
         if step.err is not None:
             eest = error_norm(self.norm, step.err, y, step.y1, self.atol, self.rtol, valid=judged)

@@ -565,6 +565,9 @@ def solve_sde(prob, solver, *, rtol, atol, dt, adaptive, dtmin, dtmax, max_steps
     drift = RightHandSide(prob.f, prob, direction, scalar_time)
     g = Diffusion(prob.g, prob, scalar_time)
     g.probe(t_rows[:, 0])
+    if brownian is not None and seed is not None and local_regularizer is None:
+        raise ValueError("seed picks the Brownian path, but brownian= already fixes it: pass one of the two "
+                         "(with local_regularizer=..., seed draws the regularizer's times and may go with brownian=)")
     bm = make_brownian(prob, g.m, brownian, seed, y0.dtype, y0.device)
     if solver.name in ("SRIW1", "SOSRI", "SRA1") and not getattr(bm, "levy_area", True):
         raise ValueError(f"{solver!r} needs the space-time Lévy area: pass "
