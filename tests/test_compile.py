@@ -289,3 +289,22 @@ def test_a_first_compiled_training_solve_compiles_one_graph():
     assert counters["stats"]["unique_graphs"] - before == 1
     sol.ys.square().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_a_compiled_stiff_solve_with_the_native_lu_compiles_one_graph(monkeypatch, tmp_path):
+    """The native LU's library is built and loaded when the stiff method is created: found for the
+    first time while tracing, its file-system calls broke the compiled step into pieces."""
+    from torch._dynamo.utils import counters
+    from pybridge.torch_engine import native_lu
+
+    monkeypatch.setattr(native_lu, "_tried", False)
+    monkeypatch.setattr(native_lu, "_library", None)
+    monkeypatch.setenv("PYBRIDGE_CACHE_DIR", str(tmp_path))
+    A = -torch.diag(torch.tensor([1.0, 10.0, 100.0, 1e3, 1e4, 2.0], dtype=torch.float64)) + 0.1
+    y0 = torch.ones(4, 6, dtype=torch.float64)    # n = 6: above the unrolled LU's sizes
+    prob = pb.ODEProblem(lambda t, y: y @ A.T, y0, T)
+    breaks, graphs = sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
+    sol = pb.solve(prob, pb.Rodas5P(), rtol=1e-6, atol=1e-8, compile=True)
+    assert sum(counters["graph_break"].values()) == breaks and counters["stats"]["unique_graphs"] - graphs == 1
+    assert native_lu.library() is None or list(tmp_path.glob("small_lu-*.so"))
+    torch.testing.assert_close(sol.ys, pb.solve(prob, pb.Rodas5P(), rtol=1e-6, atol=1e-8).ys, rtol=1e-12, atol=1e-12)

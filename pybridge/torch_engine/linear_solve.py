@@ -74,6 +74,13 @@ class UnrolledLU(NamedTuple):
         return UnrolledLU(d(self.L), d(self.U), self.pivots, self.ok)
 
 
+def prepare(device: torch.device) -> None:
+    """Build or load the native library now, outside any compiled graph: tracing its file-system
+    calls would break the graph (the stiff methods call this when they are created)."""
+    if torch.device(device).type == "cpu":
+        native_lu.library()
+
+
 def factor(M: torch.Tensor):
     """LU factors of M (B, n, n): unrolled inside a compiled graph for small n, else native on the
     CPU where it could be built, else LAPACK."""
