@@ -11,8 +11,8 @@
  * Inputs and outputs of the entry points are (B, n, n) and (B, n) row-major.
  *
  * The pivot is LAPACK's choice (the first entry of largest magnitude in the column), so the factors
- * agree with LAPACK's to rounding. A zero pivot marks the sample singular (ok[b] = 0) and divides
- * by 1 instead, so nothing non-finite is produced; the caller discards that sample's factors.
+ * agree with LAPACK's to rounding. A zero pivot marks the sample singular (ok[b] = 0): its
+ * factors become the identity's, so that nothing non-finite is produced.
  */
 #include <math.h>
 #include <stdint.h>
@@ -59,6 +59,11 @@ void small_lu_factor_##SUFFIX(const T *src, T *lu, int64_t *piv, uint8_t *ok, in
             }                                                                                    \
         }                                                                                        \
     }                                                                                            \
+    for (int64_t b = 0; b < B; ++b)          /* a singular sample solves with the identity */    \
+        if (!ok[b]) {                                                                            \
+            for (int64_t e = 0; e < n * n; ++e) lu[e * B + b] = (e % (n + 1) == 0);              \
+            for (int64_t k = 0; k < n; ++k) piv[k * B + b] = k;                                  \
+        }                                                                                        \
     free(best_abs); free(best_row);                                                              \
 }                                                                                                \
                                                                                                  \
