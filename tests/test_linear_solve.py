@@ -96,6 +96,7 @@ def test_factor_outside_compiled_graphs_is_native_on_the_cpu_else_lapack(monkeyp
     assert isinstance(linear_solve.factor(batch(2)), expected)
     assert isinstance(linear_solve.factor(batch(linear_solve.UNROLLED_MAX_N + 1)), expected)
     assert isinstance(linear_solve.factor(batch(3).to(torch.complex128)), linear_solve.LapackLU)
+    assert isinstance(linear_solve.factor(batch(linear_solve.NATIVE_MAX_N + 1, B=4)), linear_solve.LapackLU)
     monkeypatch.setattr(native_lu, "_tried", False)
     monkeypatch.setenv("PYBRIDGE_NATIVE_LU", "0")
     assert isinstance(linear_solve.factor(batch(3)), linear_solve.LapackLU)

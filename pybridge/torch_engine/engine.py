@@ -11,6 +11,7 @@ from .explicit_rk import ExplicitRK
 from .explicit_tableaus import EXPLICIT_TABLEAUS
 from .controller import Norm
 from .loop import LoopOptions, integrate
+from . import linear_solve
 from .rosenbrock import Rosenbrock
 from .rosenbrock_tableaus import ROSENBROCK_TABLEAUS
 from .esdirk import ESDIRK
@@ -23,6 +24,8 @@ def build_method(solver, dtype, device):
     # A composite (auto-switching) solver's stiff method is part of the cache key.
     stiff = getattr(solver, "stiff", None)
     inner = (stiff.family, stiff.name) if stiff is not None else None
+    if solver.family in ("rosenbrock", "esdirk") or stiff is not None:
+        linear_solve.prepare(device)   # (before a compiled step is traced)
     return _build_method(solver.family, solver.name, dtype, torch.device(device), inner)
 
 

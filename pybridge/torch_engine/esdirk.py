@@ -62,7 +62,6 @@ class ESDIRK:
     fast_convergence = 1e-5   # OrdinaryDiffEq: a first correction below this converges at once
 
     def __init__(self, tableau: ESDIRKTableau, dtype: torch.dtype, device: torch.device):
-        linear_solve.prepare(device)
         self.tableau = tableau
         self.order = tableau.order
         self.fsal = True

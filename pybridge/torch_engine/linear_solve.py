@@ -8,9 +8,10 @@ Three implementations of one contract: ``factor(M)`` returns factors with ``.sol
 ``.detach()``:
 
 - LAPACK (``torch.linalg.lu_factor_ex`` / ``lu_solve``): every size and device, eager or compiled.
-- native_lu.py's C kernels, on the CPU where a C compiler is at hand: one call per factorisation
-  and per solve for the whole batch, with the batch as the vectorised inner loop, where LAPACK
-  makes one call per matrix (3× faster factorisation, 3.5× faster solves for 256 systems of 20).
+- native_lu.py's C kernels, on the CPU for n ≤ ``NATIVE_MAX_N`` where a C compiler is at hand:
+  one call per factorisation and per solve for the whole batch, with the batch as the vectorised
+  inner loop, where LAPACK makes one call per matrix (3× faster factorisation, 3.5× faster solves
+  for 256 systems of 20).
 - Unrolled Gaussian elimination with partial pivoting, on one (B,) tensor per matrix entry. Used
   inside a compiled graph for n ≤ ``UNROLLED_MAX_N``: there the whole factorisation and every solve
   become pointwise arithmetic that inductor fuses with the step's other kernels, where LAPACK
@@ -32,6 +33,12 @@ from . import native_lu
 # n = 4: 260 µs unrolled against 520 µs with LAPACK; n = 6: even; n = 8: 385 against 312 µs, with
 # four times the compilation time.
 UNROLLED_MAX_N = 4
+
+
+# Above this size LAPACK's blocked factorisation wins, first for small batches. Factor + 2 solves,
+# one thread (2026-12-06, a busy machine): B = 1: n = 32 86 µs native against 125 µs LAPACK, n = 64
+# 427 against 208 µs; B = 256: n = 8 59 against 595 µs, n = 32 4.3 against 5.0 ms.
+NATIVE_MAX_N = 32
 
 
 class LapackLU(NamedTuple):
@@ -76,7 +83,7 @@ class UnrolledLU(NamedTuple):
 
 def prepare(device: torch.device) -> None:
     """Build or load the native library now, outside any compiled graph: tracing its file-system
-    calls would break the graph (the stiff methods call this when they are created)."""
+    calls would break the graph (engine.build_method calls this for the stiff methods)."""
     if torch.device(device).type == "cpu":
         native_lu.library()
 
@@ -86,7 +93,7 @@ def factor(M: torch.Tensor):
     CPU where it could be built, else LAPACK."""
     if M.shape[-1] <= UNROLLED_MAX_N and torch.compiler.is_compiling():
         return _unrolled(M)
-    if native_lu.available(M):
+    if M.shape[-1] <= NATIVE_MAX_N and native_lu.available(M):
         return native_lu.factor(M)
     return _lapack(M)
 

@@ -99,6 +99,8 @@ def library() -> Optional[ctypes.CDLL]:
 
 def available(M: torch.Tensor) -> bool:
     """Whether M (B, n, n) can be factored here: a CPU float32/float64 batch and a built library."""
+    if not _tried and torch.compiler.is_compiling():
+        return False   # (loading it here would break the graph: linear_solve.prepare loads it before)
     return M.device.type == "cpu" and M.dtype in _SUFFIX and M.dim() == 3 and library() is not None
 
 

@@ -34,7 +34,6 @@ class Rosenbrock:
     qsteady_max = 1.2   # implicit-method controller: keep dt when 1 ≤ q ≤ 1.2 (OrdinaryDiffEq)
 
     def __init__(self, tableau: RosenbrockTableau, dtype: torch.dtype, device: torch.device):
-        linear_solve.prepare(device)
         self.tableau = tableau
         self.order = tableau.order
         self.fsal = tableau.fsal
