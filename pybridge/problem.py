@@ -92,9 +92,18 @@ def check_times(t, y0: torch.Tensor, batched: bool) -> torch.Tensor:
         raise ValueError(f"t must hold at least two times (start and end); got shape {tuple(t.shape)}")
     if not torch.isfinite(t).all():
         raise ValueError("t has non-finite values")
+    _check_monotonic(t)
+    cast = t.to(y0.dtype)
+    if cast.dtype != t.dtype:   # distinct times can round to one in y0's precision (the solve then stood still)
+        if not torch.isfinite(cast).all():
+            raise ValueError(f"t overflows y0's dtype {y0.dtype}")
+        _check_monotonic(cast, f" after rounding to y0's dtype {y0.dtype} (t is {t.dtype})")
+    return cast
+
+
+def _check_monotonic(t, context=""):
     diffs = t.diff(dim=-1)
     direction = torch.sign(diffs[..., :1])
     if not ((diffs * direction) > 0).all():
-        raise ValueError("t must be strictly increasing or strictly decreasing (per sample); "
+        raise ValueError(f"t must be strictly increasing or strictly decreasing (per sample){context}; "
                          f"got t = {t.tolist() if t.numel() <= 20 else tuple(t.shape)}")
-    return t.to(y0.dtype)

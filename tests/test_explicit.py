@@ -220,3 +220,30 @@ def test_float32_works():
     sol = pb.solve(pb.ODEProblem(lambda t, y: y @ A.T, y0, t), pb.Tsit5(), rtol=1e-5, atol=1e-6)
     assert sol.ys.dtype == torch.float32 and sol.trace.eest.dtype == torch.float32
     assert torch.allclose(sol.ys.double(), exact_linear(A.double(), y0.double(), t.double()), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("solver", [pb.Tsit5(), pb.Vern7(), pb.Rodas5P(), pb.Kvaerno5(), pb.TRBDF2()],
+                         ids=lambda s: s.name)
+def test_float32_far_from_zero_time(solver):
+    """float32 times near 1e6 have a resolution of 0.0625. A floor of 10 ulps on dt (1.2 there) failed
+    solves whose steps are finer; a first step of 1e-6 did not move t; a 100-ulp snap onto the target
+    made every retry the same step; and a state advanced by dt drifted from its rounded time (y' = 1
+    gave 0.486 at t0 + 0.5). The floor is now 1–2 ulps, and a step is the time it advances."""
+    t = torch.tensor([1e6, 1e6 + 0.5, 1e6 + 1.0])
+    sol = pb.solve(pb.ODEProblem(lambda t, y: torch.ones_like(y), torch.zeros(1), t), solver)
+    assert sol.success
+    torch.testing.assert_close(sol.ys[:, 0], torch.tensor([0.0, 0.5, 1.0]), rtol=0, atol=2e-6)
+    t = torch.tensor([1e5, 1e5 + 2.0, 1e5 + 4.0])   # resolution 0.0078; y' = -5y + 1 needs steps ~0.1
+    prob = pb.ODEProblem(lambda t, y: 1 - 5 * y, torch.zeros(1), t)
+    if solver.name == "TRBDF2":
+        # 2nd order: its first steps would need to be below one ulp of t. Retries that round to the
+        # same step end used to repeat until MaxIters; now it stops at once.
+        with pytest.warns(RuntimeWarning, match="DtLessThanMin"):
+            sol = pb.solve(prob, solver, rtol=1e-4, atol=1e-6)
+        assert int(sol.stats.nreject) < 5
+        return
+    sol = pb.solve(prob, solver, rtol=1e-4, atol=1e-6)
+    assert sol.success
+    exact = 0.2 * (1 - torch.exp(-5 * torch.tensor([0.0, 2.0, 4.0])))
+    torch.testing.assert_close(sol.ys[:, 0], exact, rtol=0, atol=1e-5)
+    assert (sol.trace.dt[sol.trace.mask] >= torch.finfo(torch.float32).eps * 1e5).all()

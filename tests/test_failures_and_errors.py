@@ -119,6 +119,11 @@ CASES = [
     ("y0 inf", lambda: P(y0=torch.tensor([[1.0], [float("inf")]])), ValueError, "y0 has non-finite values"),
     ("t not monotonic", lambda: P(t=torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64)), ValueError, "t must be strictly increasing or strictly decreasing"),
     ("t repeated", lambda: P(t=torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)), ValueError, "strictly increasing"),
+    # float64 times (NumPy's) for a float32 state: two of them are one float32 (the solve stood still)
+    ("t collapses in y0's dtype", lambda: P(y0=torch.zeros(1), t=torch.tensor([100.0, 100.000001, 101.0], dtype=torch.float64)),
+     ValueError, r"strictly decreasing \(per sample\) after rounding to y0's dtype torch.float32 \(t is torch.float64\)"),
+    ("t overflows y0's dtype", lambda: P(y0=torch.zeros(1), t=torch.tensor([0.0, 1e300], dtype=torch.float64)),
+     ValueError, "t overflows y0's dtype torch.float32"),
     ("t 3-d", lambda: P(t=torch.zeros(1, 1, 2)), ValueError, r"t must have shape \(T,\) or \(B, T\); got \(1, 1, 2\)"),
     ("t one point", lambda: P(t=torch.tensor([0.0], dtype=torch.float64)), ValueError, "t must hold at least two times"),
     ("t integer", lambda: P(t=torch.tensor([0, 1])), TypeError, "t must have a floating-point dtype; got torch.int64"),

@@ -143,6 +143,12 @@ class PIController:
         return dt_new, errold_new
 
 
+def step_floor(t: torch.Tensor) -> torch.Tensor:
+    """The smallest step that moves t: eps·max(|t|, 1), 1–2 ulps (OrdinaryDiffEq's dtmin is eps(t)).
+    Initial steps are raised to it (1e-6 does not move float32's t = 1e5) and the loop's dtmin is it."""
+    return torch.finfo(t.dtype).eps * torch.clamp(t.abs(), min=1.0)
+
+
 def initial_step(rhs: Callable, t0, y0, f0, order: int, atol, rtol, norm: Norm, dtmax):
     """Hairer–Wanner's starting step (per sample); costs one evaluation of the right-hand side."""
     sk = atol + y0.abs() * rtol
@@ -153,7 +159,8 @@ def initial_step(rhs: Callable, t0, y0, f0, order: int, atol, rtol, norm: Norm, 
     d1 = norm(f0 / sk, valid)
     small = (d0 < 1e-5) | (d1 < 1e-5)
     dt0 = torch.where(small, torch.full_like(d0, 1e-6), 0.01 * d0 / torch.where(small, torch.ones_like(d1), d1))
-    dt0 = torch.minimum(dt0, dtmax)
+    floor = step_floor(t0)
+    dt0 = torch.minimum(torch.maximum(dt0, floor), dtmax)
     y1 = y0 + dt0[:, None] * f0
     f1 = rhs(t0 + dt0, y1)
     d2 = norm((f1 - f0) / sk, None if valid is None else valid & rows_finite(f1)) / dt0
@@ -163,4 +170,5 @@ def initial_step(rhs: Callable, t0, y0, f0, order: int, atol, rtol, norm: Norm, 
                       (0.01 / torch.where(tiny, torch.ones_like(dmax), dmax)).pow(1.0 / order))
     dt = torch.minimum(torch.minimum(100 * dt0, dt1), dtmax)
     # A non-finite start (f blows up at y0) falls back to the tiny step; the loop then reports it.
-    return torch.where(torch.isfinite(dt), dt, torch.full_like(dt, 1e-6))
+    dt = torch.where(torch.isfinite(dt), dt, torch.full_like(dt, 1e-6))
+    return torch.minimum(torch.maximum(dt, floor), dtmax)

@@ -108,7 +108,8 @@ class Advance:
         self.end_slack = 100 * eps * torch.clamp(self.tau_end.abs(), min=1.0)
         # Shape (1,), not 0-d: compiled, a 0-d float attribute costs a host read per call (a not-NaN guard).
         real = lambda v: constant(v, tau_save).reshape(1)  # noqa: E731
-        self.slack_factor, self.dtmin_factor = real(100 * eps), real(10 * eps)
+        # dtmin: controller.step_floor, 1–2 ulps of τ; 10 ulps made float32 solves at t ~ 1e5 fail.
+        self.slack_factor, self.dtmin_factor, self.snap_fraction = real(100 * eps), real(eps), real(0.01)
         self.zero, self.inf, self.one = real(0.0), real(math.inf), real(1.0)
         self.nan = torch.tensor([math.nan], dtype=tau_save.dtype, device=tau_save.device)  # (NaN misses the cache)
         # Return codes as cached 0-d tensors (a Python number in torch.where costs a conversion per call).
@@ -134,9 +135,14 @@ class Advance:
             target, slack = self.tau_end, self.end_slack
         remaining = target - tau
         if self.opts.adaptive:
-            hit = active & (dt >= remaining - slack)
-            h = torch.where(hit, remaining, torch.where(active, dt, self.zero))   # hit ⊆ active
-            return target, hit, h, torch.where(hit, target, tau + h)
+            # Stretching a step onto the target is for rounding-size slivers: capped at 1% of the step,
+            # else a slack wider than the steps the problem allows (float32 at t ~ 1e5: 100 ulps is 0.8)
+            # makes every retry the same too-long step onto the target.
+            hit = active & (dt >= remaining - torch.minimum(slack, self.snap_fraction * dt))
+            end = torch.where(hit, target, tau + torch.where(active, dt, self.zero))   # hit ⊆ active
+            # The step is the time it advances: τ + dt rounds (float32 at t ~ 1e6 by up to 0.03), and a
+            # state advanced by dt would drift from its time (~1% over a few steps there).
+            return target, hit, end - tau, end
         # Fixed steps end on origin + k·dt (origin: the start, or the save point last stopped at), not
         # on a running sum, whose rounding adds up to a sliver of a last step (dt = 0.001 on [0, 2]:
         # a 2001st step of 1e-13). As OrdinaryDiffEq (PR #3441); fixed_loop.step_grid does the same.
@@ -211,7 +217,10 @@ class Advance:
             dtmin = torch.clamp(tau.abs(), min=1.0) * self.dtmin_factor
             if opts.dtmin > 0:
                 dtmin = torch.clamp(dtmin, min=opts.dtmin)
-            too_small = (active ^ finishing) & (dt_new < dtmin)  # finishing ⊆ active: active & ~finishing
+            # Also too small: a rejected step whose retry would end at the same (rounded) time, as where
+            # the steps the problem needs are a few ulps of t (float32 far from t = 0).
+            stalled = ~accept & (tau + dt_new == t_end)
+            too_small = (active ^ finishing) & ((dt_new < dtmin) | stalled)  # finishing ⊆ active
             status = torch.where(too_small, torch.where(eest < self.inf, code[ReturnCode.DtLessThanMin],
                                                         code[ReturnCode.Unstable]), status)
             if failed is not None:

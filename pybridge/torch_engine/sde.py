@@ -20,7 +20,7 @@ import torch
 
 from ..regularization import parse_local_regularizer
 from .brownian import VirtualBrownianTree
-from .controller import Norm, PIController
+from .controller import Norm, PIController, step_floor
 from .engine import RightHandSide, _per_component, _probe, _to_solution, attach_local_regularizer, check_output
 from .loop import LoopOptions, integrate
 from .sde_tableaus import SRA_TABLEAUS, SRI_TABLEAUS
@@ -536,7 +536,8 @@ def sde_initial_step(drift, g: Diffusion, tau, y0, atol, rtol, order, norm: Norm
         d1 = norm(torch.maximum((f0 + g0).abs(), (f0 - g0).abs()) / sk)
         small = (d0 < 1e-5) | (d1 < 1e-5)
         dt0 = torch.where(small, torch.full_like(d0, 1e-6), 0.01 * d0 / torch.where(small, torch.ones_like(d1), d1))
-        dt0 = torch.minimum(dt0, dtmax)
+        floor = step_floor(tau)
+        dt0 = torch.minimum(torch.maximum(dt0, floor), dtmax)
         u1 = y0 + dt0[:, None] * f0
         f1 = drift(tau + dt0, u1)
         dg = 3 * mag(g(tau + dt0, u1)) - g0
@@ -547,6 +548,7 @@ def sde_initial_step(drift, g: Diffusion, tau, y0, atol, rtol, order, norm: Norm
                           (0.01 / torch.where(tiny, torch.ones_like(dmax), dmax)).pow(1.0 / (order + 0.5)))
         dt = torch.minimum(torch.minimum(100 * dt0, dt1), dtmax)
         dt = torch.where(torch.isfinite(dt), dt, torch.full_like(dt, 1e-6))
+        dt = torch.minimum(torch.maximum(dt, floor), dtmax)
         return dt.min().expand_as(dt) if lockstep else dt
 
 
