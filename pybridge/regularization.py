@@ -89,6 +89,7 @@ def local_error_step(rhs, method, tau_reg, y_reg, atol, rtol, norm, dtmax, detac
     if dt is None:
         with torch.no_grad():
             dt = initial_step(rhs, tau_reg, y, k1.detach(), method.order, atol, rtol, norm, dtmax)
+            dt = (tau_reg + dt) - tau_reg   # the time the step advances, as the loop's steps (loop.Advance.aim)
     if valid is not None:
         dt = torch.where(valid, dt, torch.zeros_like(dt))
     step = method.step(rhs, tau_reg, y, dt, k1)
