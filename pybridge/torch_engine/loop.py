@@ -30,7 +30,8 @@ import torch
 
 from ..progress import SCALE as PROGRESS_SCALE, current_hook as progress_hook
 from ..solution import ReturnCode
-from .controller import Norm, PIController, constant, error_norm, initial_step, rows_both_finite, rows_finite
+from .controller import (Norm, PIController, constant, error_norm, initial_step, rows_both_finite, rows_finite,
+                         step_floor)
 
 RUNNING = int(ReturnCode.Running)
 
@@ -108,15 +109,13 @@ class Advance:
         self.end_slack = 100 * eps * torch.clamp(self.tau_end.abs(), min=1.0)
         # Shape (1,), not 0-d: compiled, a 0-d float attribute costs a host read per call (a not-NaN guard).
         real = lambda v: constant(v, tau_save).reshape(1)  # noqa: E731
-        # dtmin: controller.step_floor, 1–2 ulps of τ; 10 ulps made float32 solves at t ~ 1e5 fail.
-        self.slack_factor, self.dtmin_factor, self.snap_fraction = real(100 * eps), real(eps), real(0.01)
+        self.slack_factor, self.snap_fraction = real(100 * eps), real(0.01)
         self.zero, self.inf, self.one = real(0.0), real(math.inf), real(1.0)
         self.nan = torch.tensor([math.nan], dtype=tau_save.dtype, device=tau_save.device)  # (NaN misses the cache)
         # Return codes as cached 0-d tensors (a Python number in torch.where costs a conversion per call).
         code_like = torch.zeros((), dtype=torch.long, device=tau_save.device)
         self.code = {rc: constant(int(rc), code_like) for rc in ReturnCode}
         self.defer_stiffness = hasattr(method, "stiffness_terms")
-        # An adaptive FSAL Runge–Kutta method's error estimate includes f(t1, y1), its last stage.
         # Fixed steps cannot retry; in lockstep one dt serves everyone, so a diverging sample is
         # stopped rather than allowed to shrink the batch's step. Otherwise it retries smaller.
         self.stop_diverged = not opts.adaptive or opts.lockstep
@@ -214,7 +213,7 @@ class Advance:
             # A step shortened to land on a target says nothing about the size the problem allows.
             dt_new = torch.where(hit_accept, torch.maximum(dt_new, dt), dt_new)
             dt_new = torch.minimum(dt_new, self.dtmax)
-            dtmin = torch.clamp(tau.abs(), min=1.0) * self.dtmin_factor
+            dtmin = step_floor(tau)   # (1–2 ulps of τ; 10 made float32 solves at t ~ 1e5 fail)
             if opts.dtmin > 0:
                 dtmin = torch.clamp(dtmin, min=opts.dtmin)
             # Also too small: a rejected step whose retry would end at the same (rounded) time, as where
