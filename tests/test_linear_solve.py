@@ -120,3 +120,20 @@ def test_factor_unrolls_inside_compiled_graphs():
     compiled = torch.compile(kind, backend="eager", fullgraph=True)
     assert compiled(batch(linear_solve.UNROLLED_MAX_N))
     assert not compiled(batch(linear_solve.UNROLLED_MAX_N + 1))
+
+
+def test_an_unusable_cache_folder_falls_back_to_the_temporary_directory(monkeypatch, tmp_path):
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler on this machine")
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("")            # (the user's cache folder cannot be made under a file)
+    monkeypatch.setattr(native_lu, "_tried", False)
+    monkeypatch.setattr(native_lu, "_library", None)
+    monkeypatch.delenv("PYBRIDGE_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(not_a_folder))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(native_lu.tempfile, "tempdir", str(tmp_path / "tmp"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native_lu.library() is not None
+    assert list((tmp_path / "tmp").glob("pybridge-*/small_lu-*.so"))

@@ -7,9 +7,10 @@ benchmark, B = 256, one thread (2026-12-06): factorisation ~0.3 ms against ~1.0 
 ~35 against ~120 µs.
 
 The library is compiled once per machine into a cache folder (``$PYBRIDGE_CACHE_DIR``, else
-``~/.cache/pybridge``) with ``$CC`` (else ``cc``), and loaded with ctypes. Where there is no
-compiler, the build fails, or ``PYBRIDGE_NATIVE_LU=0``, :func:`available` is False and the stiff
-methods use LAPACK: nothing but speed depends on this module.
+``~/.cache/pybridge``, else one in the temporary directory) with ``$CC`` (else ``cc``), and loaded
+with ctypes. Where there is no compiler, the build fails, or ``PYBRIDGE_NATIVE_LU=0``,
+:func:`available` is False and the stiff methods use LAPACK: nothing but speed depends on this
+module.
 
 The two entry points are torch library ops, so a torch.compile'd step calls them as opaque kernels;
 gradients come from :class:`Solve` (x = M⁻¹r: r̄ = M⁻ᵀx̄, M̄ = −r̄ xᵀ), itself differentiable.
@@ -38,11 +39,14 @@ _tried = False
 _kernels = {}   # dtype -> (factor, solve) functions of the library
 
 
-def _cache_dir() -> Path:
+def _cache_dirs() -> list:
+    """Where the library may be built: $PYBRIDGE_CACHE_DIR, else the user's cache folder, then a
+    folder of the user's in the temporary directory (for a home that cannot be written)."""
     root = os.environ.get("PYBRIDGE_CACHE_DIR")
     if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pybridge"
+        return [Path(root)]
+    user = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pybridge"
+    return [user, Path(tempfile.gettempdir()) / f"pybridge-{os.getuid() if hasattr(os, 'getuid') else 'user'}"]
 
 
 def _cpu_model() -> str:
@@ -58,15 +62,22 @@ def _build(compiler: str) -> Path:
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join([compiler] + FLAGS).encode(),
                                      platform.machine().encode(), _cpu_model().encode()])).hexdigest()[:16]
-    target = _cache_dir() / f"small_lu-{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:   # build, then move into place
-            built = Path(tmp) / target.name
-            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
-                           check=True, capture_output=True, text=True, timeout=120)
-            os.replace(built, target)
-    return target
+    folders = _cache_dirs()
+    for folder in folders:
+        target = folder / f"small_lu-{key}.so"
+        if target.exists():
+            return target
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=folder) as tmp:   # build, then move into place
+                built = Path(tmp) / target.name
+                subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
+                               check=True, capture_output=True, text=True, timeout=120)
+                os.replace(built, target)
+            return target
+        except OSError:     # (a folder that cannot be made or written: try the next)
+            if folder == folders[-1]:
+                raise
 
 
 def library() -> Optional[ctypes.CDLL]:
