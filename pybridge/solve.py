@@ -43,8 +43,8 @@ def solve(prob: ODEProblem, solver: Optional[Solver] = None, *, engine: str = "t
 
     rtol, atol: floats, or tensors broadcastable to y0 (per-component tolerances); defaults are
     DifferentialEquations.jl's (1e-3, 1e-6; for SDEProblems 1e-2, 1e-2). dt: the fixed step (adaptive=False) or the first step.
-    dtmin: a sample stops DtLessThanMin when its next step would be below max(dtmin, eps·max(|t|, 1))
-    (1–2 ulps of t), or when a rejected step's retry would end at the same rounded time. batch:
+    dtmin: a sample stops DtLessThanMin when its next step would be below max(dtmin, one ulp of
+    max(|t|, 1)), or when a rejected step's retry would end at the same rounded time. batch:
     "independent" (every sample its own steps) or "lockstep" (one step size, error norm over the
     batch, as torchdiffeq). differentiable_dt keeps gradients through the step-size controller.
     adjoint: how gradients are computed (default DiscreteAdjoint: backprop through the solver);

@@ -137,3 +137,30 @@ def test_an_unusable_cache_folder_falls_back_to_the_temporary_directory(monkeypa
         warnings.simplefilter("error")
         assert native_lu.library() is not None
     assert list((tmp_path / "tmp").glob("pybridge-*/small_lu-*.so"))
+
+
+def test_factors_refuse_a_right_hand_side_they_do_not_fit():
+    """The native solve read float32 factors as float64 (past their end) and solved a batch of 1
+    against factors of 4 without a word."""
+    if native_lu.library() is None:
+        pytest.skip("no native library on this machine")
+    M = batch(5, B=4)
+    with pytest.raises(ValueError, match="does not match factors of dtype torch.float32"):
+        native_lu.factor(M.float()).solve(torch.ones(4, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"shape \(1, 5\) does not match factors .* batch of 4 systems of size 5"):
+        native_lu.factor(M).solve(torch.ones(1, 5, dtype=torch.float64))
+
+
+def test_forward_mode_ad_through_a_stiff_solve():
+    """Dual numbers through the native ops lost their tangents (the input tangent came back); under
+    forward-mode AD the stiff methods use LAPACK, whose ops have tangent rules."""
+    import pybridge as pb
+    import torch.autograd.forward_ad as fwAD
+    A = torch.tensor([[-50.0, 1.0], [0.5, -2.0]], dtype=torch.float64)
+    v = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    with fwAD.dual_level():
+        y0 = fwAD.make_dual(torch.ones(2, dtype=torch.float64), v)
+        sol = pb.solve(pb.ODEProblem(lambda t, y: y @ A.T, y0, torch.tensor([0.0, 1.0], dtype=torch.float64)),
+                       pb.Rodas5P(), rtol=1e-8, atol=1e-10)
+        tangent = fwAD.unpack_dual(sol.ys[-1]).tangent
+    torch.testing.assert_close(tangent, torch.linalg.matrix_exp(A) @ v, rtol=1e-6, atol=1e-9)

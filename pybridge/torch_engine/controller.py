@@ -144,9 +144,10 @@ class PIController:
 
 
 def step_floor(t: torch.Tensor) -> torch.Tensor:
-    """The smallest step that moves t: eps·max(|t|, 1), 1–2 ulps (OrdinaryDiffEq's dtmin is eps(t)).
+    """The smallest step that moves t: one ulp of max(|t|, 1), as OrdinaryDiffEq's dtmin eps(t).
     Initial steps are raised to it (1e-6 does not move float32's t = 1e5) and the loop's dtmin is it."""
-    return torch.finfo(t.dtype).eps * torch.clamp(t.abs(), min=1.0)
+    m = torch.clamp(t.abs(), min=1.0)
+    return torch.nextafter(m, torch.full_like(m, math.inf)) - m
 
 
 def initial_step(rhs: Callable, t0, y0, f0, order: int, atol, rtol, norm: Norm, dtmax):

@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import List, NamedTuple
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from . import native_lu
 
@@ -93,7 +94,8 @@ def factor(M: torch.Tensor):
     CPU where it could be built, else LAPACK."""
     if M.shape[-1] <= UNROLLED_MAX_N and torch.compiler.is_compiling():
         return _unrolled(M)
-    if M.shape[-1] <= NATIVE_MAX_N and native_lu.available(M):
+    # (Forward-mode AD: the native ops have no tangent rule, so dual numbers go through LAPACK.)
+    if M.shape[-1] <= NATIVE_MAX_N and native_lu.available(M) and forward_ad._current_level < 0:
         return native_lu.factor(M)
     return _lapack(M)
 

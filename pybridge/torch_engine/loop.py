@@ -137,8 +137,10 @@ class Advance:
             # Stretching a step onto the target is for rounding-size slivers: capped at 1% of the step,
             # else a slack wider than the steps the problem allows (float32 at t ~ 1e5: 100 ulps is 0.8)
             # makes every retry the same too-long step onto the target.
-            hit = active & (dt >= remaining - torch.minimum(slack, self.snap_fraction * dt))
-            end = torch.where(hit, target, tau + torch.where(active, dt, self.zero))   # hit ⊆ active
+            raw_end = tau + torch.where(active, dt, self.zero)
+            # (A step whose end rounds onto the target hits it too, or a zero-length step would follow.)
+            hit = active & ((dt >= remaining - torch.minimum(slack, self.snap_fraction * dt)) | (raw_end >= target))
+            end = torch.where(hit, target, raw_end)   # hit ⊆ active
             # The step is the time it advances: τ + dt rounds (float32 at t ~ 1e6 by up to 0.03), and a
             # state advanced by dt would drift from its time (~1% over a few steps there).
             return target, hit, end - tau, end
@@ -213,7 +215,7 @@ class Advance:
             # A step shortened to land on a target says nothing about the size the problem allows.
             dt_new = torch.where(hit_accept, torch.maximum(dt_new, dt), dt_new)
             dt_new = torch.minimum(dt_new, self.dtmax)
-            dtmin = step_floor(tau)   # (1–2 ulps of τ; 10 made float32 solves at t ~ 1e5 fail)
+            dtmin = step_floor(tau)   # (one ulp of τ; 10 made float32 solves at t ~ 1e5 fail)
             if opts.dtmin > 0:
                 dtmin = torch.clamp(dtmin, min=opts.dtmin)
             # Also too small: a rejected step whose retry would end at the same (rounded) time, as where

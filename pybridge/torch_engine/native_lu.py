@@ -135,6 +135,9 @@ def _factor_cpu(M):
 def _solve_cpu(lu, piv, r, transpose):
     """M⁻¹ r (or M⁻ᵀ r) for r (B, n), from the factors of M."""
     B, n = r.shape
+    if r.dtype != lu.dtype or (n, B) != tuple(piv.shape):
+        raise ValueError(f"small_lu_solve: r of dtype {r.dtype} and shape {tuple(r.shape)} does not match factors "
+                         f"of dtype {lu.dtype} for a batch of {piv.shape[1]} systems of size {piv.shape[0]}")
     r = r.contiguous()
     x = torch.empty_like(r)
     _kernels[r.dtype][1](lu.data_ptr(), piv.data_ptr(), r.data_ptr(), x.data_ptr(), B, n, int(transpose))
