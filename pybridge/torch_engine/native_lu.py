@@ -123,6 +123,9 @@ _ops.define("small_lu_solve(Tensor lu, Tensor piv, Tensor r, bool transpose) -> 
 
 def _factor_cpu(M):
     """(lu (n, n, B), piv (n, B), ok (B,)) of M (B, n, n); a singular sample's factors are I's."""
+    if M.dtype not in _kernels or M.dim() != 3:
+        raise ValueError(f"the native LU takes float32/float64 batches (B, n, n) once its library is loaded; got "
+                         f"{M.dtype} {tuple(M.shape)}" + ("" if _library else " (no library)"))
     B, n = M.shape[0], M.shape[-1]
     src = M.contiguous()
     lu = torch.empty((n, n, B), dtype=M.dtype)
@@ -203,9 +206,6 @@ class NativeLU(NamedTuple):
 
 
 def factor(M: torch.Tensor) -> NativeLU:
-    """M's factors (B, n, n); only where available(M)."""
-    if not available(M):
-        raise ValueError(f"the native LU takes CPU float32/float64 batches (B, n, n) and a C compiler; got "
-                         f"{M.dtype} {tuple(M.shape)} on {M.device}" + ("" if _library else " (no library)"))
+    """M's factors (B, n, n); only where available(M) (linear_solve.factor checks it)."""
     lu, piv, ok = small_lu_factor(M.detach())     # M's gradient comes from Solve
     return NativeLU(M, lu, piv, ok)
