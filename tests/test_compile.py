@@ -297,8 +297,8 @@ def test_a_compiled_stiff_solve_with_the_native_lu_compiles_one_graph(monkeypatc
     from torch._dynamo.utils import counters
     from pybridge.torch_engine import native_lu
 
-    monkeypatch.setattr(native_lu, "_tried", False)
-    monkeypatch.setattr(native_lu, "_library", None)
+    monkeypatch.setattr(native_lu._LIB, "_tried", False)
+    monkeypatch.setattr(native_lu._LIB, "_library", None)
     monkeypatch.setenv("PYBRIDGE_CACHE_DIR", str(tmp_path))
     A = -torch.diag(torch.tensor([1.0, 10.0, 100.0, 1e3, 1e4, 2.0], dtype=torch.float64)) + 0.1
     y0 = torch.ones(4, 6, dtype=torch.float64)    # n = 6: above the unrolled LU's sizes

@@ -2,6 +2,7 @@
 graphs and the native C one agree with LAPACK's (pivots, solutions, singular samples) and are
 differentiable."""
 import shutil
+import tempfile
 import warnings
 
 import pytest
@@ -97,14 +98,14 @@ def test_factor_outside_compiled_graphs_is_native_on_the_cpu_else_lapack(monkeyp
     assert isinstance(linear_solve.factor(batch(linear_solve.UNROLLED_MAX_N + 1)), expected)
     assert isinstance(linear_solve.factor(batch(3).to(torch.complex128)), linear_solve.LapackLU)
     assert isinstance(linear_solve.factor(batch(linear_solve.NATIVE_MAX_N + 1, B=4)), linear_solve.LapackLU)
-    monkeypatch.setattr(native_lu, "_tried", False)
+    monkeypatch.setattr(native_lu._LIB, "_tried", False)
     monkeypatch.setenv("PYBRIDGE_NATIVE_LU", "0")
     assert isinstance(linear_solve.factor(batch(3)), linear_solve.LapackLU)
 
 
 def test_a_failed_build_warns_and_falls_back_to_lapack(monkeypatch, tmp_path):
-    monkeypatch.setattr(native_lu, "_tried", False)
-    monkeypatch.setattr(native_lu, "_library", None)
+    monkeypatch.setattr(native_lu._LIB, "_tried", False)
+    monkeypatch.setattr(native_lu._LIB, "_library", None)
     monkeypatch.setenv("PYBRIDGE_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "false")          # a "compiler" that always fails
     with pytest.warns(UserWarning, match="could not build the native batched LU"):
@@ -127,12 +128,12 @@ def test_an_unusable_cache_folder_falls_back_to_the_temporary_directory(monkeypa
         pytest.skip("no C compiler on this machine")
     not_a_folder = tmp_path / "cache"
     not_a_folder.write_text("")            # (the user's cache folder cannot be made under a file)
-    monkeypatch.setattr(native_lu, "_tried", False)
-    monkeypatch.setattr(native_lu, "_library", None)
+    monkeypatch.setattr(native_lu._LIB, "_tried", False)
+    monkeypatch.setattr(native_lu._LIB, "_library", None)
     monkeypatch.delenv("PYBRIDGE_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(not_a_folder))
     (tmp_path / "tmp").mkdir()
-    monkeypatch.setattr(native_lu.tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert native_lu.library() is not None

@@ -47,22 +47,32 @@ class ExplicitRK:
         self.extra_a_rows = [as_tensor(list(r)) for r in tableau.extra_a]
         self._dense_T = self.dense.T.contiguous() if self.dense is not None else None
 
+    def stages(self, rhs, t, y, h, k1, stage_argument, times=None):
+        """(ks, args): the s stage derivatives (k1 first) and the arguments y_i of the stages the
+        stiffness pair names and, for FSAL, of the last (which is y1). stage_argument(i, ks) gives
+        y_i = y + h Σ_j a_ij ks[j] from the i stages so far (torch ops, or native_rk's kernel);
+        times, the stage times t + c_i·h, if at hand."""
+        s = len(self.c)
+        # t + c_i·h for every stage in one op (none needed for a one-stage method: Euler)
+        if times is None and s > 1:
+            times = torch.addcmul(t, h, self.c_col).unbind(0)
+        ks = [k1]
+        args = {0: y}
+        keep = set(self.stiffness_pair)
+        for i in range(1, s):
+            yi = stage_argument(i, ks)
+            if i in keep or (self.fsal and i == s - 1):
+                args[i] = yi
+            ks.append(rhs(times[i], yi))
+        return ks, args
+
     def step(self, rhs, t, y, h, k1) -> RKStep:
         # Few, fused tensor ops: on small problems each op's dispatch costs as much as its work.
         # (Stacking the stage list per stage stays: a strided prefix of a preallocated buffer
         # would change the matrix-vector product's rounding, hence the accepted steps.)
         hcol = h[:, None]
         s = len(self.c)
-        # t + c_i·h for every stage in one op (none needed for a one-stage method: Euler)
-        times = torch.addcmul(t, h, self.c_col).unbind(0) if s > 1 else None
-        ks = [k1]
-        args = {0: y}
-        keep = set(self.stiffness_pair)
-        for i in range(1, s):
-            yi = torch.addcmul(y, hcol, combine(ks, self.a_rows[i]))
-            if i in keep or (self.fsal and i == s - 1):
-                args[i] = yi
-            ks.append(rhs(times[i], yi))
+        ks, args = self.stages(rhs, t, y, h, k1, lambda i, ks: torch.addcmul(y, hcol, combine(ks, self.a_rows[i])))
         K = torch.stack(ks, 1) if s > 1 else k1[:, None]  # (B, s, n)
         combo = combine_rows(ks, self.weights, K.mT)
         # FSAL: the last stage is evaluated at y1, so its argument *is* the solution.

@@ -92,7 +92,8 @@ class Iteration(NamedTuple):
     stiffness: Optional[torch.Tensor]   # (B,) the stiffness estimate, or None when deferred ...
     stiffness_terms: Optional[tuple]    # ... to these terms (batched later, see _flush_stiffness)
     blew_up: Optional[torch.Tensor]     # (B,) active samples whose step is not finite (with guard_blowups)
-    flags: torch.Tensor                 # (any running, any blew up) or () any running: the loop reads it
+    flags: object                       # (any running, any blew up) or () any running: the loop reads it
+                                        # (a bool where the iteration ran in C: native_rk)
 
 
 class Advance:
@@ -371,6 +372,7 @@ def tolerance_inputs(atol, rtol, dtype, device):
 
 def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, atol, rtol,
                opts: LoopOptions) -> LoopResult:
+    from . import native_rk  # (it builds on this module)
     B, n = y0.shape
     T = tau_save.shape[1]
     dtype, device = y0.dtype, y0.device
@@ -439,6 +441,10 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
     # gradients of parameters every sample shares. It costs a second Advance only when it happens.
     guard_blowups = torch.is_grad_enabled()
     plain = Advance(rhs, method, norm, controller, opts, atol, rtol, tau_save, dtmax, guard_blowups)
+    inline_saves = False
+    if native_rk.usable(method, opts, y0, controller):   # (the same iteration with its bookkeeping in C)
+        inline_saves = not end_only and native_rk.NativeAdvance.saves_inline(method)
+        plain = native_rk.NativeAdvance(plain, y0 if inline_saves else None, keep_stages=opts.dense)
     advance = compiled(plain, device) if opts.compile else plain
     # An SDE step's Brownian increments come from host-side tree walks and look-ahead checks, which
     # do not trace: a compiled loop draws them eagerly for the step it is about to take.
@@ -462,7 +468,7 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
             h, accept, tau_new = it.h, it.accept, it.tau_new
             # (running is it.running unless max_steps just stopped the samples still running)
             if defer_saves and on_progress is None and running is it.running:
-                values = it.flags.tolist()  # reduced inside Advance (see Iteration.flags)
+                values = it.flags.tolist() if isinstance(it.flags, torch.Tensor) else it.flags  # (see Iteration.flags)
                 values = values if isinstance(values, list) else [values]
             else:
                 if defer_saves:
@@ -494,7 +500,7 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
 
         # Save points covered by accepted steps, interpolated with the method's own dense output:
         # batched over many steps (see _flush_saves), or per step when the targets follow the saves.
-        if defer_saves and not end_only:
+        if defer_saves and not end_only and not inline_saves:
             size = step.ks.numel() + 3 * y.numel()
             if pending and (pending_size + size > SAVE_BUFFER_ELEMENTS or step.ks.shape != pending[0][3].shape):
                 next_save = _flush_saves(method, pending, tau_save, next_save, saved_vals, saved_idx,
@@ -575,7 +581,7 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
     if probe_step is not None:
         probe_tau, probe_y = _interpolate_probe(method, rhs, opts.probe[1], probe_step, probe_tau, probe_y)
     ys = (end_saves(y0, y, status == int(ReturnCode.Success)) if end_only
-          else _assemble_saves(y0, saved_vals, saved_idx, T))
+          else plain.saved() if inline_saves else _assemble_saves(y0, saved_vals, saved_idx, T))
     return LoopResult(ys=ys, status=status, nfe=nfe, naccept=naccept, nreject=iters - naccept, counters=counters,
                       trace=_compact(trace, "accept"),
                       dense=_compact(dense, None, trace["accept"]) if dense else None, tau=tau, dt=dt,

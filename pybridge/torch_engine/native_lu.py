@@ -6,9 +6,8 @@ run over the batch, so they vectorise. Compiled Rosenbrock step on the 20-specie
 benchmark, B = 256, one thread (2026-12-06): factorisation ~0.3 ms against ~1.0 ms, each solve
 ~35 against ~120 µs.
 
-The library is compiled once per machine into a cache folder (``$PYBRIDGE_CACHE_DIR``, else
-``~/.cache/pybridge``, else one in the temporary directory) with ``$CC`` (else ``cc``), and loaded
-with ctypes. Where there is no compiler, the build fails, or ``PYBRIDGE_NATIVE_LU=0``,
+The library is built and loaded by native_build (once per machine, with the system C compiler).
+Where there is no compiler, the build fails, or ``PYBRIDGE_NATIVE_LU=0`` (or ``PYBRIDGE_NATIVE=0``),
 :func:`available` is False and the stiff methods use LAPACK: nothing but speed depends on this
 module.
 
@@ -18,99 +17,38 @@ gradients come from :class:`Solve` (x = M⁻¹r: r̄ = M⁻ᵀx̄, M̄ = −r̄ 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import warnings
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
-SOURCE = Path(__file__).with_name("small_lu.c")
-FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c99"]
-_SUFFIX = {torch.float64: "f64", torch.float32: "f32"}
+from .native_build import NativeLibrary
 
-_library: Optional[ctypes.CDLL] = None
-_tried = False
+_SUFFIX = {torch.float64: "f64", torch.float32: "f32"}
 _kernels = {}   # dtype -> (factor, solve) functions of the library
 
 
-def _cache_dirs() -> list:
-    """Where the library may be built: $PYBRIDGE_CACHE_DIR, else the user's cache folder, then a
-    folder of the user's in the temporary directory (for a home that cannot be written)."""
-    root = os.environ.get("PYBRIDGE_CACHE_DIR")
-    if root:
-        return [Path(root)]
-    user = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pybridge"
-    return [user, Path(tempfile.gettempdir()) / f"pybridge-{os.getuid() if hasattr(os, 'getuid') else 'user'}"]
-
-
-def _cpu_model() -> str:
-    """-march=native code runs only on CPUs like the one that built it: the cache key names it."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("model name")), "")
-    except OSError:
-        return platform.processor()
-
-
-def _build(compiler: str) -> Path:
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join([compiler] + FLAGS).encode(),
-                                     platform.machine().encode(), _cpu_model().encode()])).hexdigest()[:16]
-    folders = _cache_dirs()
-    for folder in folders:
-        target = folder / f"small_lu-{key}.so"
-        if target.exists():
-            return target
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=folder) as tmp:   # build, then move into place
-                built = Path(tmp) / target.name
-                subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
-                               check=True, capture_output=True, text=True, timeout=120)
-                os.replace(built, target)
-            return target
-        except OSError:     # (a folder that cannot be made or written: try the next)
-            if folder == folders[-1]:
-                raise
-
-
-def library() -> Optional[ctypes.CDLL]:
-    """The loaded library, building it on first use; None where it cannot be had."""
-    global _library, _tried
-    if _tried:
-        return _library
-    _tried = True
-    if os.environ.get("PYBRIDGE_NATIVE_LU", "1") == "0":
-        return None
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        return None
-    try:
-        lib = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", "") or str(e)
-        warnings.warn(f"pybridge: could not build the native batched LU ({detail.strip()[:300]}); "
-                      "the stiff methods use LAPACK instead (slower for many small systems)")
-        return None
+def _declare(lib: ctypes.CDLL) -> None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     for dtype, suffix in _SUFFIX.items():
         factor_fn, solve_fn = getattr(lib, f"small_lu_factor_{suffix}"), getattr(lib, f"small_lu_solve_{suffix}")
         factor_fn.argtypes = [ptr, ptr, ptr, ptr, i64, i64]
         solve_fn.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ctypes.c_int]
         _kernels[dtype] = (factor_fn, solve_fn)
-    _library = lib
-    return lib
+
+
+_LIB = NativeLibrary(Path(__file__).with_name("small_lu.c"), "PYBRIDGE_NATIVE_LU", "the native batched LU",
+                     "the stiff methods use LAPACK instead (slower for many small systems)", _declare)
+
+
+def library():
+    """The loaded library, building it on first use; None where it cannot be had."""
+    return _LIB.get()
 
 
 def available(M: torch.Tensor) -> bool:
     """Whether M (B, n, n) can be factored here: a CPU float32/float64 batch and a built library."""
-    if not _tried and torch.compiler.is_compiling():
+    if not _LIB.tried and torch.compiler.is_compiling():
         return False   # (loading it here would break the graph: linear_solve.prepare loads it before)
     return M.device.type == "cpu" and M.dtype in _SUFFIX and M.dim() == 3 and library() is not None
 
@@ -125,7 +63,7 @@ def _factor_cpu(M):
     """(lu (n, n, B), piv (n, B), ok (B,)) of M (B, n, n); a singular sample's factors are I's."""
     if M.dtype not in _kernels or M.dim() != 3:
         raise ValueError(f"the native LU takes float32/float64 batches (B, n, n) once its library is loaded; got "
-                         f"{M.dtype} {tuple(M.shape)}" + ("" if _library else " (no library)"))
+                         f"{M.dtype} {tuple(M.shape)}" + ("" if _kernels else " (no library)"))
     B, n = M.shape[0], M.shape[-1]
     src = M.contiguous()
     lu = torch.empty((n, n, B), dtype=M.dtype)

@@ -1,0 +1,201 @@
+"""Eager iterations of the adaptive explicit Runge–Kutta methods on the CPU without gradients, with
+their bookkeeping in rk_step.c.
+
+On a small problem the solver's cost is its number of dispatched torch ops (~1-5 µs each), and an
+iteration of loop.Advance is ~100 of them beside the network's calls. :class:`NativeAdvance` does
+the same iteration with one C call to aim the step, one per stage argument and one to judge it.
+Measured on the issue-2 reference problem (MLP 2→64→2, batch 256, float32, one thread, 2026-12-06):
+see benchmarks/RESULTS.md.
+
+It is used where nothing needs the autograd graph or a compiled graph (:func:`usable`); otherwise,
+and without a C compiler or with ``PYBRIDGE_NATIVE_STEP=0`` (or ``PYBRIDGE_NATIVE=0``), loop.Advance
+runs. Both compute the same formulas in the same floating-point type; sums may round differently,
+so solutions agree to rounding (tests/test_native_rk.py compares them).
+"""
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+import torch.autograd.forward_ad as forward_ad
+
+from ..solution import ReturnCode
+from .controller import PIController
+from .explicit_rk import ExplicitRK, RKStep
+from .loop import Iteration
+from .native_build import NativeLibrary
+
+_SCALAR = {torch.float64: ("f64", ctypes.c_double), torch.float32: ("f32", ctypes.c_float)}
+_kernels = {}   # dtype -> (Setup structure, aim, combine, judge)
+
+
+def _setup_structure(real):
+    """rk_setup_<T> of rk_step.c (a solve's constants), for the scalar type real."""
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fields = ([(name, i64) for name in ("B", "n", "s", "lockstep")]
+              + [(name, ptr) for name in ("c", "btilde", "tau_end", "slack", "dtmax", "atol", "rtol")]
+              + [(name, real) for name in ("beta1", "beta2", "gamma", "qmin", "qmax", "qsteady_min", "qsteady_max",
+                                           "dtmin")]
+              + [(name, i64) for name in ("code_running", "code_success", "code_dtmin", "code_unstable", "n_save", "D")]
+              + [(name, ptr) for name in ("tau_save", "dense", "next_save", "ys")])
+    return type(f"Setup_{real.__name__}", (ctypes.Structure,), {"_fields_": fields})
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    for dtype, (suffix, real) in _SCALAR.items():
+        setup = _setup_structure(real)
+        aim, combine, judge = (getattr(lib, f"rk_{name}_{suffix}") for name in ("aim", "combine", "judge"))
+        aim.argtypes = [ctypes.POINTER(setup)] + [ptr] * 5
+        aim.restype = i64
+        combine.argtypes = [ptr] * 5 + [i64] * 3
+        combine.restype = None
+        judge.argtypes = [ctypes.POINTER(setup)] + [ptr] * 18
+        judge.restype = i64
+        _kernels[dtype] = (setup, aim, combine, judge)
+
+
+_LIB = NativeLibrary(Path(__file__).with_name("rk_step.c"), "PYBRIDGE_NATIVE_STEP", "the native Runge–Kutta step",
+                     "explicit solves use torch ops instead (slower on small problems)", _declare)
+
+
+def usable(method, opts, y0: torch.Tensor, controller) -> bool:
+    """Whether NativeAdvance can run this solve: an adaptive explicit RK method, eager (not compiled),
+    nothing recording gradients (autograd or forward-mode), a plain CPU float32/float64 state, the
+    PI controller, steps not aimed at save points, no local-regularization probe, and the library."""
+    return (type(method) is ExplicitRK and method.adaptive and opts.adaptive and not opts.compile
+            and not opts.stop_at_saves and opts.probe is None and type(controller) is PIController
+            and not torch.is_grad_enabled() and forward_ad._current_level < 0
+            and type(y0) is torch.Tensor and y0.device.type == "cpu" and y0.dtype in _SCALAR
+            and not torch._C._functorch.is_functorch_wrapped_tensor(y0)
+            and _LIB.get() is not None)
+
+
+def _plain(k: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """k as a contiguous array of like's dtype (the kernels read raw memory)."""
+    if k.dtype is not like.dtype or not k.is_contiguous() or not k.is_cpu:
+        k = k.to(like).contiguous()
+    return k
+
+
+class NativeAdvance:
+    """loop.Advance's iteration for the cases :func:`usable` admits, taking its settings from the
+    Advance it stands in for; returns the same Iteration (stiffness computed, not deferred).
+
+    With `saves` (y0, the loop's states (B, n)), each accepted step also writes the save points it
+    covers, as loop._flush_saves would (not for interpolants with lazy stages, which call f), and
+    :meth:`saved` gives ys (T, B, n). Iteration.step.ks is then filled only if `keep_stages`."""
+
+    def __init__(self, advance, saves=None, keep_stages=True):
+        self.rhs, self.method, controller, opts = advance.rhs, advance.method, advance.controller, advance.opts
+        tau_save = advance.tau_save
+        dtype = tau_save.dtype
+        B, T = tau_save.shape
+        setup_type, self.aim_fn, self.combine_fn, self.judge_fn = _kernels[dtype]
+        tab = self.method.tableau
+        s = tab.stages
+        self.s, self.fsal, self.pair = s, tab.fsal, tab.stiffness_pair
+        self.stage_ptrs = (ctypes.c_void_p * s)()
+        as_array = lambda v: torch.tensor([float(x) for x in v], dtype=dtype)  # noqa: E731
+        self.a_rows = [as_array(row) if len(row) else None for row in tab.a]
+        self.a_ptrs = [0 if row is None else row.data_ptr() for row in self.a_rows]
+        self.b = as_array(tab.b)
+        self.keep_stages = keep_stages or saves is None
+        self.ys = None
+        # Tensors the setup points into are kept here (the structure holds bare addresses).
+        self._held = {"c": as_array(tab.c), "btilde": as_array(tab.b_error), "tau_end": advance.tau_end.contiguous(),
+                      "slack": advance.end_slack.contiguous(), "dtmax": advance.dtmax.expand(B).contiguous()}
+        self.setup = setup_type(
+            B=B, s=s, lockstep=int(opts.lockstep),
+            beta1=controller.beta1, beta2=controller.beta2, gamma=controller.gamma, qmin=controller.qmin,
+            qmax=controller.qmax, qsteady_min=controller.qsteady_min, qsteady_max=controller.qsteady_max,
+            dtmin=float(opts.dtmin), code_running=int(ReturnCode.Running), code_success=int(ReturnCode.Success),
+            code_dtmin=int(ReturnCode.DtLessThanMin), code_unstable=int(ReturnCode.Unstable))
+        self.atol, self.rtol = advance.atol, advance.rtol   # ((B, n) arrays at the first call)
+        if saves is not None:
+            self.ys = torch.full((B, T, saves.shape[1]), float("nan"), dtype=dtype)
+            self.ys[:, 0] = saves
+            dense = self.method.dense
+            self._held.update(tau_save=tau_save.contiguous(), next_save=torch.ones(B, dtype=torch.long), ys=self.ys)
+            if dense is not None and dense.shape[0] == s:
+                self._held["dense"] = dense.contiguous()
+                self.setup.D = dense.shape[1]
+            self.setup.n_save = T
+        for name, tensor in self._held.items():
+            setattr(self.setup, name, tensor.data_ptr())
+        self.setup_ref = ctypes.byref(self.setup)
+
+    @staticmethod
+    def saves_inline(method) -> bool:
+        """Whether save points can be written by the kernel (an interpolant without lazy stages)."""
+        return method.extra_stages == 0 and method.tableau.stages <= 64
+
+    def saved(self) -> torch.Tensor:
+        """The values at the save times, (T, B, n): y0 first, NaN where a sample did not get."""
+        return self.ys.transpose(0, 1)
+
+    def _tolerances(self, y):
+        """atol and rtol as (B, n) arrays, made once (the first call knows n)."""
+        held = self._held
+        for name, value in (("atol", self.atol), ("rtol", self.rtol)):
+            held[name] = torch.broadcast_to(torch.as_tensor(value, dtype=y.dtype), y.shape).contiguous()
+            setattr(self.setup, name, held[name].data_ptr())
+        self.setup.n = y.shape[1]
+        self.atol = None
+
+    def _stage_argument(self, y, h, args):
+        """stage_argument for ExplicitRK.stages: y_i = y + h Σ_j a_ij k_j by the kernel, into args[i - 1]."""
+        ptrs, B, n = self.stage_ptrs, y.shape[0], y.shape[1]
+        y_ptr, h_ptr, a_ptrs, combine = y.data_ptr(), h.data_ptr(), self.a_ptrs, self.combine_fn
+
+        def argument(i, ks):
+            k = ks[i - 1]                          # (the newest stage; the earlier ones are set)
+            if k.dtype is not y.dtype or not k.is_contiguous() or not k.is_cpu:
+                k = ks[i - 1] = _plain(k, y)       # (the kernel reads raw memory)
+            ptrs[i - 1] = k.data_ptr()
+            out = args[i - 1]
+            combine(out.data_ptr(), y_ptr, h_ptr, ptrs, a_ptrs[i], i, B, n)
+            return out
+        return argument
+
+    def __call__(self, tau, y, dt, k1, errold, status, active, next_save, noise=None, frozen=None) -> Iteration:
+        if self.atol is not None:   # (the first call: the loop's initial state may be any layout)
+            self._tolerances(y)
+            tau, dt, errold, y, k1 = (_plain(x, y) for x in (tau, dt, errold, y, k1))
+            status = status.contiguous()
+        B, n = y.shape
+        s = self.s
+        # The per-sample results in three arrays (rk_step.c's rows), each split into views once.
+        F, U, Y = (torch.empty((7 + s, B), dtype=y.dtype), torch.empty((3, B), dtype=torch.bool),
+                   torch.empty((2 + s, B, n), dtype=y.dtype))
+        h, t_end, eest, tau_new, dt_new, errold_new, stiff, *times = F.unbind(0)
+        hit, accept, running = U.unbind(0)
+        y_new, k1_new, *stage_args = Y.unbind(0)
+        self.aim_fn(self.setup_ref, tau.data_ptr(), dt.data_ptr(), status.data_ptr(), F.data_ptr(), U.data_ptr())
+
+        ks, args = self.method.stages(self.rhs, tau, y, h, k1, self._stage_argument(y, h, stage_args), times)
+        ks[s - 1] = _plain(ks[s - 1], y)
+        self.stage_ptrs[s - 1] = ks[s - 1].data_ptr()
+        if self.fsal:
+            y1, f_end, extra_eval = args[s - 1], ks[s - 1], None
+        else:
+            y1 = stage_args[s - 1]
+            self.combine_fn(y1.data_ptr(), y.data_ptr(), h.data_ptr(), self.stage_ptrs, self.b.data_ptr(), s, B, n)
+            f_end = _plain(self.rhs(t_end, y1), y)
+            extra_eval = accept
+        # The stiffness pair (index s: the step's end), as ExplicitRK.stiffness_terms.
+        i, j = self.pair
+        k_i, k_j = (f_end if m == s else ks[m] for m in (i, j))
+        g_i, g_j = (y1 if m == s or args.get(m) is None else args[m] for m in (i, j))
+
+        K = torch.empty((B, s, n), dtype=y.dtype) if self.keep_stages else None
+        status_new = torch.empty_like(status)
+        still_running = self.judge_fn(
+            self.setup_ref, y.data_ptr(), y1.data_ptr(), f_end.data_ptr(), k1.data_ptr(), self.stage_ptrs,
+            0 if K is None else K.data_ptr(), tau.data_ptr(), dt.data_ptr(), status.data_ptr(), errold.data_ptr(),
+            k_i.data_ptr(), k_j.data_ptr(), g_i.data_ptr(), g_j.data_ptr(),
+            F.data_ptr(), U.data_ptr(), Y.data_ptr(), status_new.data_ptr())
+        step = RKStep(y1, None, K, (args.get(i), args.get(j)), s - 1)
+        return Iteration(tau_new, y_new, k1_new, dt_new, errold_new, status_new, running, step, h, eest, accept,
+                         hit, self._held["tau_end"], f_end, extra_eval, stiff, None, None, still_running > 0)
