@@ -9,7 +9,9 @@ dynamics are non-trivial: the raw initialisation gives an almost linear, slowly 
 y0 ~ N(0, 1) from the same seed.
 
 Measured, in one run and under torch.no_grad() (the solver's forward cost; gradients are a
-different benchmark):
+different benchmark). Eagerly and without gradients, pybridge's explicit solvers run native_rk's
+iteration (its bookkeeping in C); the "torch loop" rows run loop.Advance instead, the path of
+solves that record gradients:
   wall      median of --repeats solves after one warm-up solve
   NFE       pybridge independent: max over samples of stats.nfe (the number of batched network
             calls the loop makes) and the mean; lockstep: the common value; torchdiffeq: calls of
@@ -85,9 +87,19 @@ def make_problem(dtype):
 # ---------------------------------------------------------------------------------------------
 # One solve per library; each returns (ys (T, B, n), nfe_max, nfe_mean)
 
-def run_pybridge(solver, batch, compile=False):
+def run_pybridge(solver, batch, compile=False, native=True):
+    """native=False: the torch loop (loop.Advance), which solves that record gradients run, instead
+    of native_rk's iteration (eager CPU solves without gradients)."""
+    from pybridge.torch_engine import native_rk
+
     def go(f, y0, t, rtol, atol):
-        sol = pb.solve(pb.ODEProblem(f, y0, t), solver, rtol=rtol, atol=atol, batch=batch, compile=compile)
+        usable = native_rk.usable
+        if not native:
+            native_rk.usable = lambda *args: False
+        try:
+            sol = pb.solve(pb.ODEProblem(f, y0, t), solver, rtol=rtol, atol=atol, batch=batch, compile=compile)
+        finally:
+            native_rk.usable = usable
         nfe = sol.stats.nfe.reshape(-1).double()
         return sol.ys, int(nfe.max()), float(nfe.mean())
     return go
@@ -120,6 +132,9 @@ CONTENDERS = [
     ("pybridge Tsit5, independent", run_pybridge(pb.Tsit5(), "independent")),
     ("pybridge DP5, lockstep", run_pybridge(pb.DP5(), "lockstep")),
     ("pybridge DP5, independent", run_pybridge(pb.DP5(), "independent")),
+    # The torch loop, which solves recording gradients take (the rows above run native_rk's iteration).
+    ("pybridge Tsit5, lockstep, torch loop", run_pybridge(pb.Tsit5(), "lockstep", native=False)),
+    ("pybridge Tsit5, independent, torch loop", run_pybridge(pb.Tsit5(), "independent", native=False)),
     # compile=True: each loop iteration as one torch.compile'd graph (the warm-up solve compiles).
     ("pybridge Tsit5, lockstep, compile=True", run_pybridge(pb.Tsit5(), "lockstep", compile=True)),
     ("pybridge Tsit5, independent, compile=True", run_pybridge(pb.Tsit5(), "independent", compile=True)),

@@ -154,6 +154,30 @@ def test_native_failures_and_options_agree_with_torch(case):
 
 
 @needs_library
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("lockstep", [False, True], ids=["independent", "lockstep"])
+def test_native_first_step_is_hairers(lockstep, dtype):
+    """NativeAdvance.first_step against controller.initial_step: a batch with a sample whose f is
+    NaN, one at rest (f = 0: the 1e-6 fallbacks), t0 far from zero and a dtmax that binds."""
+    from pybridge.torch_engine.controller import Norm, PIController, initial_step
+    from pybridge.torch_engine.engine import build_method
+    from pybridge.torch_engine.loop import LoopOptions
+    f, y0 = mixed_batch(dtype)
+    y0[3] = 0.0
+    rhs = lambda t, y: torch.where((torch.arange(y.shape[0]) == 1)[:, None], math.nan, f(t, y))  # noqa: E731
+    tau_save = torch.stack([torch.full((12,), 1e4, dtype=dtype), torch.full((12,), 1e4 + 5, dtype=dtype)], 1)
+    tau_save[5:, 1] = 1e4 + 0.001                           # (dtmax = the span binds for these)
+    dtmax, tau, f0 = tau_save[:, 1] - tau_save[:, 0], tau_save[:, 0].clone(), rhs(tau_save[:, 0], y0)
+    method = build_method(pb.Tsit5(), dtype, torch.device("cpu"))
+    opts = LoopOptions(lockstep=lockstep)
+    atol, rtol = torch.full((3,), 1e-8, dtype=dtype), 1e-6
+    native = native_rk.NativeAdvance(rhs, method, PIController.for_order(5), opts, atol, rtol, tau_save, dtmax, y0)
+    expected = initial_step(rhs, tau, y0, f0, method.order, atol, rtol, Norm(lockstep), dtmax)
+    torch.testing.assert_close(native.first_step(tau, y0, f0), expected,
+                               rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=0)
+
+
+@needs_library
 def test_stage_arguments_are_never_written_again():
     """f may keep the states it is given (a closure logging them): the kernel writes every stage
     argument into memory of its own iteration, never over one that f has seen."""

@@ -12,7 +12,9 @@ nreject counts (reduced from per-iteration records after the loop).
 
 The tensor work of an iteration (choose h, step, error norm, accept, controller, return codes) is
 `Advance`, a pure function of the loop state; `integrate` keeps the records. With
-`LoopOptions.compile`, Advance runs as one torch.compile'd graph.
+`LoopOptions.compile`, Advance runs as one torch.compile'd graph. Eager CPU solves of the explicit
+methods that record no gradients run native_rk.NativeAdvance instead: the same iteration with its
+bookkeeping in C (and the save points written as each step is accepted).
 
 Time runs in τ = direction·t, so every sample integrates forwards; the caller's right-hand side
 already accounts for the sign.
@@ -96,6 +98,14 @@ class Iteration(NamedTuple):
                                         # (a bool where the iteration ran in C: native_rk)
 
 
+def end_targets(tau_save):
+    """(τ_end, slack), (B,) each: every sample's end time and the rounding slack within which a step
+    ending near it counts as landing on it. (Contiguous: a view of tau_save has stride T, which a
+    compiled iteration would guard on.)"""
+    tau_end = tau_save[:, -1].contiguous()
+    return tau_end, 100 * torch.finfo(tau_save.dtype).eps * torch.clamp(tau_end.abs(), min=1.0)
+
+
 class Advance:
     """The tensor work of one loop iteration: pick each sample's step, take it, judge it, propose the
     next. Pure (no host reads, no Python state changed), so torch.compile can fuse it whole."""
@@ -104,10 +114,8 @@ class Advance:
         self.rhs, self.method, self.norm, self.controller, self.opts = rhs, method, norm, controller, opts
         self.guard_blowups = guard_blowups
         self.atol, self.rtol, self.tau_save, self.dtmax = atol, rtol, tau_save, dtmax
-        # Contiguous: a view of tau_save has stride T, which a compiled iteration would guard on.
-        self.tau_end = tau_save[:, -1].contiguous()
+        self.tau_end, self.end_slack = end_targets(tau_save)
         eps = torch.finfo(tau_save.dtype).eps
-        self.end_slack = 100 * eps * torch.clamp(self.tau_end.abs(), min=1.0)
         # Shape (1,), not 0-d: compiled, a 0-d float attribute costs a host read per call (a not-NaN guard).
         real = lambda v: constant(v, tau_save).reshape(1)  # noqa: E731
         self.slack_factor, self.snap_fraction = real(100 * eps), real(0.01)
@@ -385,6 +393,14 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
     span = tau_end - tau
     dtmax = span if opts.dtmax is None else torch.clamp(span, max=opts.dtmax)
 
+    end_only = saves_end_only(opts, T)
+    native = None
+    if native_rk.usable(method, opts, y0, controller):   # (the same iteration with its bookkeeping in C)
+        native = native_rk.NativeAdvance(rhs, method, controller, opts, atol, rtol, tau_save, dtmax, y0,
+                                         saves=not end_only and native_rk.NativeAdvance.saves_inline(method),
+                                         keep_stages=opts.dense)
+    inline_saves = native is not None and native.ys is not None
+
     nfe = torch.ones(B, dtype=torch.long, device=device)
     y, k1, failed_at_start = stand_in_where_f_fails_at_start(rhs, tau, y0, rhs(tau, y0))
     if opts.dt is not None:
@@ -393,7 +409,8 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
               else torch.full_like(tau, float(opts.dt)))
     else:
         nfe += 1
-        dt = initial_step(rhs, tau, y0, k1, method.order, atol, rtol, norm, dtmax)
+        dt = (native.first_step(tau, y0, k1) if native is not None
+              else initial_step(rhs, tau, y0, k1, method.order, atol, rtol, norm, dtmax))
         if opts.dtmin > 0:  # (as OrdinaryDiffEq's initial step: no smaller than dtmin)
             dt = torch.clamp(dt, min=opts.dtmin)
         if not opts.differentiable_dt:
@@ -415,7 +432,6 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
 
     saved_vals, saved_idx = [], []
     defer_saves = not opts.stop_at_saves   # stop_at_saves needs next_save every step
-    end_only = saves_end_only(opts, T)
     stiff_pending = []
     pending, pending_size = [], 0
     trace = {k: [] for k in ("t", "dt", "eest", "stiffness", "accept")}
@@ -440,11 +456,7 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
     # zero cotangent times an infinite partial derivative is NaN, which would otherwise reach the
     # gradients of parameters every sample shares. It costs a second Advance only when it happens.
     guard_blowups = torch.is_grad_enabled()
-    plain = Advance(rhs, method, norm, controller, opts, atol, rtol, tau_save, dtmax, guard_blowups)
-    inline_saves = False
-    if native_rk.usable(method, opts, y0, controller):   # (the same iteration with its bookkeeping in C)
-        inline_saves = not end_only and native_rk.NativeAdvance.saves_inline(method)
-        plain = native_rk.NativeAdvance(plain, y0 if inline_saves else None, keep_stages=opts.dense)
+    plain = native or Advance(rhs, method, norm, controller, opts, atol, rtol, tau_save, dtmax, guard_blowups)
     advance = compiled(plain, device) if opts.compile else plain
     # An SDE step's Brownian increments come from host-side tree walks and look-ahead checks, which
     # do not trace: a compiled loop draws them eagerly for the step it is about to take.

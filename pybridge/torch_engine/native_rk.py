@@ -23,11 +23,11 @@ import torch.autograd.forward_ad as forward_ad
 from ..solution import ReturnCode
 from .controller import PIController
 from .explicit_rk import ExplicitRK, RKStep
-from .loop import Iteration
+from .loop import Iteration, end_targets
 from .native_build import NativeLibrary
 
 _SCALAR = {torch.float64: ("f64", ctypes.c_double), torch.float32: ("f32", ctypes.c_float)}
-_kernels = {}   # dtype -> (Setup structure, aim, combine, judge)
+_kernels = {}   # dtype -> (Setup structure, aim, combine, judge, (first_step_a, first_step_b))
 
 
 def _setup_structure(real):
@@ -53,7 +53,11 @@ def _declare(lib: ctypes.CDLL) -> None:
         combine.restype = None
         judge.argtypes = [ctypes.POINTER(setup)] + [ptr] * 18
         judge.restype = i64
-        _kernels[dtype] = (setup, aim, combine, judge)
+        first_a, first_b = getattr(lib, f"rk_first_step_a_{suffix}"), getattr(lib, f"rk_first_step_b_{suffix}")
+        first_a.argtypes = [ctypes.POINTER(setup)] + [ptr] * 6
+        first_b.argtypes = [ctypes.POINTER(setup)] + [ptr] * 4 + [real] + [ptr] * 2
+        first_a.restype = first_b.restype = None
+        _kernels[dtype] = (setup, aim, combine, judge, (first_a, first_b))
 
 
 _LIB = NativeLibrary(Path(__file__).with_name("rk_step.c"), "PYBRIDGE_NATIVE_STEP", "the native Runge–Kutta step",
@@ -72,6 +76,21 @@ def usable(method, opts, y0: torch.Tensor, controller) -> bool:
             and _LIB.get() is not None)
 
 
+_coefficient_arrays = {}   # (tableau name, dtype) -> _coefficients
+
+
+def _coefficients(tableau, dtype) -> dict:
+    """The tableau's coefficients as arrays of dtype for the kernels (made once: read only)."""
+    key = (tableau.name, dtype)
+    if key not in _coefficient_arrays:
+        as_array = lambda v: torch.tensor([float(x) for x in v], dtype=dtype)  # noqa: E731
+        a_rows = [as_array(row) if len(row) else None for row in tableau.a]
+        _coefficient_arrays[key] = {
+            "a_rows": a_rows, "a_ptrs": [0 if row is None else row.data_ptr() for row in a_rows],
+            "b": as_array(tableau.b), "c": as_array(tableau.c), "btilde": as_array(tableau.b_error)}
+    return _coefficient_arrays[key]
+
+
 def _plain(k: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """k as a contiguous array of like's dtype (the kernels read raw memory)."""
     if k.dtype is not like.dtype or not k.is_contiguous() or not k.is_cpu:
@@ -80,43 +99,43 @@ def _plain(k: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class NativeAdvance:
-    """loop.Advance's iteration for the cases :func:`usable` admits, taking its settings from the
-    Advance it stands in for; returns the same Iteration (stiffness computed, not deferred).
+    """loop.Advance's iteration for the cases :func:`usable` admits, from the same settings; returns
+    the same Iteration (stiffness computed, not deferred). :meth:`first_step` is the initial step.
 
-    With `saves` (y0, the loop's states (B, n)), each accepted step also writes the save points it
-    covers, as loop._flush_saves would (not for interpolants with lazy stages, which call f), and
+    With `saves`, each accepted step also writes the save points it covers, as loop._flush_saves
+    would (not for interpolants with lazy stages, which call f; see saves_inline), and
     :meth:`saved` gives ys (T, B, n). Iteration.step.ks is then filled only if `keep_stages`."""
 
-    def __init__(self, advance, saves=None, keep_stages=True):
-        self.rhs, self.method, controller, opts = advance.rhs, advance.method, advance.controller, advance.opts
-        tau_save = advance.tau_save
+    def __init__(self, rhs, method, controller, opts, atol, rtol, tau_save, dtmax, y0, saves=False,
+                 keep_stages=True):
+        self.rhs, self.method = rhs, method
         dtype = tau_save.dtype
-        B, T = tau_save.shape
-        setup_type, self.aim_fn, self.combine_fn, self.judge_fn = _kernels[dtype]
-        tab = self.method.tableau
+        (B, T), n = tau_save.shape, y0.shape[1]
+        setup_type, self.aim_fn, self.combine_fn, self.judge_fn, self.first_fns = _kernels[dtype]
+        tab = method.tableau
         s = tab.stages
-        self.s, self.fsal, self.pair = s, tab.fsal, tab.stiffness_pair
+        self.s, self.fsal, self.pair, self.order = s, tab.fsal, tab.stiffness_pair, method.order
         self.stage_ptrs = (ctypes.c_void_p * s)()
-        as_array = lambda v: torch.tensor([float(x) for x in v], dtype=dtype)  # noqa: E731
-        self.a_rows = [as_array(row) if len(row) else None for row in tab.a]
-        self.a_ptrs = [0 if row is None else row.data_ptr() for row in self.a_rows]
-        self.b = as_array(tab.b)
-        self.keep_stages = keep_stages or saves is None
-        self.ys = None
+        coefficients = _coefficients(tab, dtype)
+        self.a_ptrs, self.b = coefficients["a_ptrs"], coefficients["b"]
+        self.keep_stages = keep_stages or not saves
+        self.first_call = True
+        tau_end, slack = end_targets(tau_save)
+        tolerance = lambda x: torch.broadcast_to(torch.as_tensor(x, dtype=dtype), (B, n)).contiguous()  # noqa: E731
         # Tensors the setup points into are kept here (the structure holds bare addresses).
-        self._held = {"c": as_array(tab.c), "btilde": as_array(tab.b_error), "tau_end": advance.tau_end.contiguous(),
-                      "slack": advance.end_slack.contiguous(), "dtmax": advance.dtmax.expand(B).contiguous()}
+        self._held = {"c": coefficients["c"], "btilde": coefficients["btilde"], "tau_end": tau_end, "slack": slack,
+                      "dtmax": dtmax.expand(B).contiguous(), "atol": tolerance(atol), "rtol": tolerance(rtol)}
         self.setup = setup_type(
-            B=B, s=s, lockstep=int(opts.lockstep),
+            B=B, n=n, s=s, lockstep=int(opts.lockstep),
             beta1=controller.beta1, beta2=controller.beta2, gamma=controller.gamma, qmin=controller.qmin,
             qmax=controller.qmax, qsteady_min=controller.qsteady_min, qsteady_max=controller.qsteady_max,
             dtmin=float(opts.dtmin), code_running=int(ReturnCode.Running), code_success=int(ReturnCode.Success),
             code_dtmin=int(ReturnCode.DtLessThanMin), code_unstable=int(ReturnCode.Unstable))
-        self.atol, self.rtol = advance.atol, advance.rtol   # ((B, n) arrays at the first call)
-        if saves is not None:
-            self.ys = torch.full((B, T, saves.shape[1]), float("nan"), dtype=dtype)
-            self.ys[:, 0] = saves
-            dense = self.method.dense
+        self.ys = None
+        if saves:
+            self.ys = torch.full((B, T, n), float("nan"), dtype=dtype)
+            self.ys[:, 0] = y0
+            dense = method.dense
             self._held.update(tau_save=tau_save.contiguous(), next_save=torch.ones(B, dtype=torch.long), ys=self.ys)
             if dense is not None and dense.shape[0] == s:
                 self._held["dense"] = dense.contiguous()
@@ -126,6 +145,18 @@ class NativeAdvance:
             setattr(self.setup, name, tensor.data_ptr())
         self.setup_ref = ctypes.byref(self.setup)
 
+    def first_step(self, tau, y0, f0):
+        """controller.initial_step's Hairer–Wanner step (one more call of f), by the kernel."""
+        tau, y0, f0 = (_plain(x, y0) for x in (tau, y0, f0))
+        B = y0.shape[0]
+        W, V, y1 = torch.empty((4, B), dtype=y0.dtype), torch.empty((2, B), dtype=torch.uint8), torch.empty_like(y0)
+        first_a, first_b = self.first_fns
+        first_a(self.setup_ref, tau.data_ptr(), y0.data_ptr(), f0.data_ptr(), W.data_ptr(), V.data_ptr(), y1.data_ptr())
+        f1 = _plain(self.rhs(W[2], y1), y0)
+        first_b(self.setup_ref, tau.data_ptr(), y0.data_ptr(), f0.data_ptr(), f1.data_ptr(), self.order,
+                W.data_ptr(), V.data_ptr())
+        return W[3]
+
     @staticmethod
     def saves_inline(method) -> bool:
         """Whether save points can be written by the kernel (an interpolant without lazy stages)."""
@@ -134,15 +165,6 @@ class NativeAdvance:
     def saved(self) -> torch.Tensor:
         """The values at the save times, (T, B, n): y0 first, NaN where a sample did not get."""
         return self.ys.transpose(0, 1)
-
-    def _tolerances(self, y):
-        """atol and rtol as (B, n) arrays, made once (the first call knows n)."""
-        held = self._held
-        for name, value in (("atol", self.atol), ("rtol", self.rtol)):
-            held[name] = torch.broadcast_to(torch.as_tensor(value, dtype=y.dtype), y.shape).contiguous()
-            setattr(self.setup, name, held[name].data_ptr())
-        self.setup.n = y.shape[1]
-        self.atol = None
 
     def _stage_argument(self, y, h, args):
         """stage_argument for ExplicitRK.stages: y_i = y + h Σ_j a_ij k_j by the kernel, into args[i - 1]."""
@@ -160,8 +182,8 @@ class NativeAdvance:
         return argument
 
     def __call__(self, tau, y, dt, k1, errold, status, active, next_save, noise=None, frozen=None) -> Iteration:
-        if self.atol is not None:   # (the first call: the loop's initial state may be any layout)
-            self._tolerances(y)
+        if self.first_call:   # (the loop's initial state may be in any layout; later ones are ours)
+            self.first_call = False
             tau, dt, errold, y, k1 = (_plain(x, y) for x in (tau, dt, errold, y, k1))
             status = status.contiguous()
         B, n = y.shape

@@ -14,6 +14,7 @@
  * States are (B, n) row-major; stages are passed as an array of pointers to (B, n) arrays.
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
 /* An iteration's per-sample results are rows of one (7 + s, B) array F (the last s rows: the stage
@@ -81,6 +82,91 @@ int64_t rk_aim_##SUFFIX(const rk_setup_##SUFFIX *c, const T *tau, const T *dt,  
     return active_count;                                                                         \
 }                                                                                                \
                                                                                                  \
+/* _safe_sqrt: 0 for x ≤ 0 or NaN. */                                                           \
+static T safe_sqrt_##SUFFIX(T x) { return x > 0 ? SQRT(x) : (T)0; }                             \
+                                                                                                 \
+/* controller.step_floor: one ulp of max(|t|, 1). */                                             \
+static T step_floor_##SUFFIX(T t) {                                                              \
+    T m = t < 0 ? -t : t;                                                                        \
+    m = m < 1 ? (T)1 : m;                                                                        \
+    return NEXTAFTER(m, INF) - m;                                                                \
+}                                                                                                \
+                                                                                                 \
+/* controller.Norm of x/sk (sk = atol + rtol|y0|), x = a − b (b may be NULL): per sample, or in    \
+   lockstep over the rows where `valid` (NULL: all) as one value for every sample; a NaN or        \
+   non-positive mean square gives 0 (_safe_sqrt). */                                              \
+static void scaled_norm_##SUFFIX(const rk_setup_##SUFFIX *c, const T *y0, const T *a, const T *b, \
+                                 const uint8_t *valid, T *out) {                                 \
+    const int64_t B = c->B, n = c->n;                                                            \
+    double total = 0;                                                                            \
+    int64_t rows = 0;                                                                            \
+    for (int64_t r = 0; r < B; ++r) {                                                            \
+        T sq = 0;                                                                                \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            int64_t e = r * n + i;                                                               \
+            T ay = y0[e] < 0 ? -y0[e] : y0[e];                                                   \
+            T x = (b ? a[e] - b[e] : a[e]) / (c->atol[e] + ay * c->rtol[e]);                     \
+            sq += x * x;                                                                         \
+        }                                                                                        \
+        if (!c->lockstep) out[r] = safe_sqrt_##SUFFIX(sq / (T)n);                                \
+        else if (!valid || valid[r]) { total += sq; ++rows; }                                    \
+    }                                                                                            \
+    if (c->lockstep) {                                                                           \
+        T v = safe_sqrt_##SUFFIX((T)(total / (double)(rows > 0 ? rows * n : 1)));                \
+        for (int64_t r = 0; r < B; ++r) out[r] = v;                                              \
+    }                                                                                            \
+}                                                                                                \
+                                                                                                 \
+static void rows_finite_##SUFFIX(const T *x, int64_t B, int64_t n, uint8_t *out) {              \
+    for (int64_t r = 0; r < B; ++r) {                                                            \
+        int ok = 1;                                                                              \
+        for (int64_t i = 0; i < n; ++i) ok &= (x[r * n + i] < INF && x[r * n + i] > -INF);       \
+        out[r] = (uint8_t)ok;                                                                    \
+    }                                                                                            \
+}                                                                                                \
+                                                                                                 \
+/* Hairer–Wanner's starting step (controller.initial_step) in two halves around the one call of f: \
+   the first gives dt0 and the point (t0 + dt0, y0 + dt0 f0) to evaluate f at; the second, given f \
+   there, the step. W (4, B): rows d1, dt0, t1 and the result; V (2, B) scratch; y1 (B, n). */    \
+void rk_first_step_a_##SUFFIX(const rk_setup_##SUFFIX *c, const T *t0, const T *y0, const T *f0, \
+                              T *W, uint8_t *V, T *y1) {                                         \
+    const int64_t B = c->B, n = c->n;                                                            \
+    T *d1 = W, *dt0 = W + B, *t1 = W + 2 * B, *d0 = W + 3 * B;   /* (row 3: scratch here) */    \
+    uint8_t *valid = c->lockstep ? V : NULL;                                                     \
+    if (valid) rows_finite_##SUFFIX(f0, B, n, valid);                                            \
+    scaled_norm_##SUFFIX(c, y0, y0, NULL, valid, d0);                                            \
+    scaled_norm_##SUFFIX(c, y0, f0, NULL, valid, d1);                                            \
+    for (int64_t b = 0; b < B; ++b) {                                                            \
+        int small = d0[b] < (T)1e-5 || d1[b] < (T)1e-5;                                          \
+        T step = small ? (T)1e-6 : (T)0.01 * d0[b] / d1[b];                                      \
+        step = NAN_MIN(NAN_MAX(step, step_floor_##SUFFIX(t0[b])), c->dtmax[b]);                  \
+        dt0[b] = step;                                                                           \
+        t1[b] = t0[b] + step;                                                                    \
+        for (int64_t i = 0; i < n; ++i) y1[b * n + i] = y0[b * n + i] + step * f0[b * n + i];    \
+    }                                                                                            \
+}                                                                                                \
+                                                                                                 \
+void rk_first_step_b_##SUFFIX(const rk_setup_##SUFFIX *c, const T *t0, const T *y0, const T *f0, \
+                              const T *f1, T order, T *W, uint8_t *V) {                          \
+    const int64_t B = c->B, n = c->n;                                                            \
+    T *d1 = W, *dt0 = W + B, *d2 = W + 2 * B, *dt = W + 3 * B;                                    \
+    uint8_t *valid = NULL;                                                                       \
+    if (c->lockstep) {                                                                           \
+        valid = V;                                    /* (row 0: f0 finite, from the first half) */ \
+        rows_finite_##SUFFIX(f1, B, n, V + B);                                                   \
+        for (int64_t b = 0; b < B; ++b) valid[b] = valid[b] && V[B + b];                         \
+    }                                                                                            \
+    scaled_norm_##SUFFIX(c, y0, f1, f0, valid, d2);                                              \
+    for (int64_t b = 0; b < B; ++b) {                                                            \
+        T d = d2[b] / dt0[b], dmax = NAN_MAX(d1[b], d);                                          \
+        T first = dmax <= (T)1e-15 ? NAN_MAX(dt0[b] * (T)1e-3, (T)1e-6)                          \
+                                   : POW((T)0.01 / dmax, (T)1 / order);                          \
+        T step = NAN_MIN(NAN_MIN((T)100 * dt0[b], first), c->dtmax[b]);                          \
+        if (!(step < INF && step > -INF)) step = (T)1e-6;                                        \
+        dt[b] = NAN_MIN(NAN_MAX(step, step_floor_##SUFFIX(t0[b])), c->dtmax[b]);                 \
+    }                                                                                            \
+}                                                                                                \
+                                                                                                 \
 /* out = y + h ⊙ Σ_j w_j ks[j] (ExplicitRK's stage argument; zero weights kept, as torch's). The  \
    sum runs over j in order for every element, as a vectorisable loop per stage. */              \
 void rk_combine_##SUFFIX(T *restrict out, const T *y, const T *h, const T *const *ks,            \
@@ -89,9 +175,6 @@ void rk_combine_##SUFFIX(T *restrict out, const T *y, const T *h, const T *const
     for (int64_t b = 0; b < B; ++b)                                                              \
         for (int64_t i = 0; i < n; ++i) out[b * n + i] = y[b * n + i] + h[b] * out[b * n + i];   \
 }                                                                                                \
-                                                                                                 \
-/* _safe_sqrt: 0 for x ≤ 0 or NaN. */                                                           \
-static T safe_sqrt_##SUFFIX(T x) { return x > 0 ? SQRT(x) : (T)0; }                             \
                                                                                                  \
 /* The save points sample b's accepted step [t0, t1] covers (loop._flush_saves): y1 at t1, else \
    the method's dense output at θ = (t − t0)/h, y0 + h Σ_i b_i(θ) k_i with                        \
@@ -247,9 +330,7 @@ int64_t rk_judge_##SUFFIX(const rk_setup_##SUFFIX *c,                           
         if (finishing) dt_new = NAN_MAX(dt_new, dt[b]);                                          \
         dt_new = NAN_MIN(dt_new, dtmax[b]);                                                      \
         /* controller.step_floor: one ulp of max(|τ|, 1) (and at least the user's dtmin) */      \
-        T m = tau[b] < 0 ? -tau[b] : tau[b];                                                     \
-        m = m < one ? one : m;                                                                   \
-        T dtmin = NEXTAFTER(m, inf) - m;                                                         \
+        T dtmin = step_floor_##SUFFIX(tau[b]);                                                   \
         if (dtmin_opt > 0 && dtmin < dtmin_opt) dtmin = dtmin_opt;                               \
         int stalled = !accept && (tau[b] + dt_new == t_end[b]);                                  \
         int too_small = (active ^ finishing) && ((dt_new < dtmin) || stalled);                   \
