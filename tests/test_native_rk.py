@@ -60,8 +60,10 @@ def assert_same_solve(native, reference, ys_tol, steps_equal=True, samples=slice
         for name in ("naccept", "nreject", "nfe"):
             assert torch.equal(getattr(native.stats, name)[samples], getattr(reference.stats, name)[samples]), name
         tn, tr = native.trace, reference.trace
-        assert torch.equal(tn.mask[samples], tr.mask[samples])
-        close = lambda a, b, **tol: torch.testing.assert_close(a[samples], b[samples], **tol)  # noqa: E731
+        N = min(tn.mask.shape[1], tr.mask.shape[1])   # (the trace is as wide as the longest sample's)
+        assert not tn.mask[samples][:, N:].any() and not tr.mask[samples][:, N:].any()
+        assert torch.equal(tn.mask[samples][:, :N], tr.mask[samples][:, :N])
+        close = lambda a, b, **tol: torch.testing.assert_close(a[samples][:, :N], b[samples][:, :N], **tol)  # noqa: E731
         close(tn.t, tr.t, rtol=1e-6, atol=1e-9)
         # EEst is a sum of stages that cancel to ~1e-8 of their size: rounding moves it by ~1e-5.
         close(tn.eest, tr.eest, rtol=1e-3, atol=1e-9)
@@ -100,7 +102,7 @@ def test_native_float32_agrees_with_torch_to_rounding(solver):
     native, reference = solve_both(prob, solver(), rtol=1e-5, atol=1e-7)
     # (float32 rounding decides some acceptances differently, so the steps may differ)
     assert_same_solve(native, reference, ys_tol=1e-4, steps_equal=False)
-    assert (native.stats.nfe.double() / reference.stats.nfe.double() - 1).abs().max() < 0.1
+    assert abs(native.stats.nfe.sum().item() / reference.stats.nfe.sum().item() - 1) < 0.05
 
 
 @needs_library
@@ -178,18 +180,61 @@ def test_native_first_step_is_hairers(lockstep, dtype):
 
 
 @needs_library
-def test_stage_arguments_are_never_written_again():
-    """f may keep the states it is given (a closure logging them): the kernel writes every stage
-    argument into memory of its own iteration, never over one that f has seen."""
+def test_what_f_was_given_is_never_written_again():
+    """f may keep the times and states it is given (a closure logging them): the kernels write every
+    stage time and argument into memory of its own, never over one that f has seen (the initial
+    step's kernel wrote a norm over the time it had passed to f)."""
     seen = []
     f0, y0 = mixed_batch()
 
     def f(t, y):
-        seen.append((y, y.clone()))
+        seen.append((t, t.clone(), y, y.clone()))
         return f0(t, y)
     with torch.no_grad(), native_path():
         pb.solve(pb.ODEProblem(f, y0, torch.linspace(0, 2, 5, dtype=torch.float64)), pb.DP5())
-    assert len(seen) > 20 and all(torch.equal(kept, copy) for kept, copy in seen)
+    assert len(seen) > 20
+    assert all(torch.equal(t, t_copy) and torch.equal(y, y_copy) for t, t_copy, y, y_copy in seen)
+
+
+@needs_library
+def test_native_stage_times_and_arguments_round_as_torchs():
+    """torch's addcmul rounds t + c·h and y + h·Σ once (a fused multiply-add); with two roundings the
+    stage times of float32 at t ~ 1e5 were an ulp (0.0078) off, and the solution 24× rtol."""
+    y0 = torch.randn(4, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([1e5, 1e5 + 2], dtype=torch.float32)
+    times = {True: [], False: []}
+
+    def solve(native):
+        f = lambda tt, y: (times[native].append(tt.clone()), torch.cos(tt) * y)[1]  # noqa: E731
+        return pb.solve(pb.ODEProblem(f, y0, t), pb.DP5(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        with native_path():
+            native = solve(True)
+        usable = native_rk.usable
+        native_rk.usable = lambda *args: False
+        try:
+            reference = solve(False)
+        finally:
+            native_rk.usable = usable
+    assert len(times[True]) == len(times[False])
+    assert all(torch.equal(a, b) for a, b in zip(times[True], times[False]))
+    torch.testing.assert_close(native.ys, reference.ys, rtol=0, atol=1e-6)
+
+
+@needs_library
+def test_a_method_first_built_inside_a_functorch_transform_still_runs_natively():
+    """The engine caches methods; one first built inside torch.func.grad holds coefficient tensors
+    without storage, whose data pointer the native step asked for."""
+    from pybridge.torch_engine import engine
+    engine._build_method.cache_clear()
+    y0 = torch.tensor([[1.0, 0.5], [0.3, -0.2]], dtype=torch.float64)
+    t = torch.linspace(0, 1, 5, dtype=torch.float64)
+    run = lambda p: pb.solve(pb.ODEProblem(lambda tt, y: -p * y, y0, t), pb.Tsit5()).ys  # noqa: E731
+    p = torch.tensor(0.7, dtype=torch.float64)
+    torch.func.grad(lambda p: run(p).sum())(p)
+    with torch.no_grad(), native_path():
+        ys = run(p)
+    torch.testing.assert_close(ys[-1], y0 * math.exp(-0.7), rtol=1e-5, atol=0)
 
 
 def test_native_step_is_used_exactly_where_it_applies(monkeypatch):

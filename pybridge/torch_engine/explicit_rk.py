@@ -16,6 +16,11 @@ class RKStep(NamedTuple):
     ks: torch.Tensor                  # (B, s, n) stage derivatives (for the interpolant)
     stage_args: tuple                 # arguments of the stiffness pair's stages that are not y1
     nfe: int                          # evaluations made by this call
+    # What other families' steps carry, which an explicit step never has (class attributes: the loop
+    # reads them every iteration, and a missing attribute costs a raised and caught exception).
+    failed = None
+    stats = None
+    extra_trace = None
 
 
 class ExplicitRK:

@@ -87,7 +87,11 @@ def _coefficients(tableau, dtype) -> dict:
         a_rows = [as_array(row) if len(row) else None for row in tableau.a]
         _coefficient_arrays[key] = {
             "a_rows": a_rows, "a_ptrs": [0 if row is None else row.data_ptr() for row in a_rows],
-            "b": as_array(tableau.b), "c": as_array(tableau.c), "btilde": as_array(tableau.b_error)}
+            "b": as_array(tableau.b), "c": as_array(tableau.c), "btilde": as_array(tableau.b_error),
+            # (from the tableau's numbers, not the method's tensors: a method first built inside a
+            # torch.func transform holds wrappers without storage)
+            "dense": (torch.tensor([[float(x) for x in row] for row in tableau.dense], dtype=dtype)
+                      if tableau.dense is not None else None)}
     return _coefficient_arrays[key]
 
 
@@ -135,10 +139,10 @@ class NativeAdvance:
         if saves:
             self.ys = torch.full((B, T, n), float("nan"), dtype=dtype)
             self.ys[:, 0] = y0
-            dense = method.dense
+            dense = coefficients["dense"]
             self._held.update(tau_save=tau_save.contiguous(), next_save=torch.ones(B, dtype=torch.long), ys=self.ys)
             if dense is not None and dense.shape[0] == s:
-                self._held["dense"] = dense.contiguous()
+                self._held["dense"] = dense
                 self.setup.D = dense.shape[1]
             self.setup.n_save = T
         for name, tensor in self._held.items():
@@ -149,13 +153,13 @@ class NativeAdvance:
         """controller.initial_step's Hairer–Wanner step (one more call of f), by the kernel."""
         tau, y0, f0 = (_plain(x, y0) for x in (tau, y0, f0))
         B = y0.shape[0]
-        W, V, y1 = torch.empty((4, B), dtype=y0.dtype), torch.empty((2, B), dtype=torch.uint8), torch.empty_like(y0)
+        W, V, y1 = torch.empty((5, B), dtype=y0.dtype), torch.empty((2, B), dtype=torch.uint8), torch.empty_like(y0)
         first_a, first_b = self.first_fns
         first_a(self.setup_ref, tau.data_ptr(), y0.data_ptr(), f0.data_ptr(), W.data_ptr(), V.data_ptr(), y1.data_ptr())
         f1 = _plain(self.rhs(W[2], y1), y0)
         first_b(self.setup_ref, tau.data_ptr(), y0.data_ptr(), f0.data_ptr(), f1.data_ptr(), self.order,
                 W.data_ptr(), V.data_ptr())
-        return W[3]
+        return W[4]
 
     @staticmethod
     def saves_inline(method) -> bool:

@@ -23,11 +23,15 @@
 enum { H_ROW, T_END_ROW, EEST_ROW, TAU_ROW, DT_ROW, ERROLD_ROW, STIFF_ROW, TIMES_ROW };
 enum { HIT_ROW, ACCEPT_ROW, RUNNING_ROW };
 
+/* Where torch fuses a multiply-add (addcmul: the stage times and arguments, the dense output) it
+ * rounds once, and so does FMA here; elsewhere the rounding of separate operations is kept (ISO C
+ * mode does not contract a + b*c). */
+
 /* torch.maximum: NaN if either is NaN (C's fmax would drop it). */
 #define NAN_MAX(a, b) (((a) != (a) || (b) != (b)) ? ((a) + (b)) : ((a) > (b) ? (a) : (b)))
 #define NAN_MIN(a, b) (((a) != (a) || (b) != (b)) ? ((a) + (b)) : ((a) < (b) ? (a) : (b)))
 
-#define DEFINE_RK_STEP(T, SUFFIX, SQRT, POW, NEXTAFTER, INF)                                      \
+#define DEFINE_RK_STEP(T, SUFFIX, SQRT, POW, NEXTAFTER, FMA, INF)                                      \
                                                                                                  \
 /* What stays the same through a solve (native_rk mirrors it): sizes, the nodes c and the error    \
    weights (b − b̂), per-sample end times and limits, (B, n) tolerances, the controller's constants, the    \
@@ -78,7 +82,7 @@ int64_t rk_aim_##SUFFIX(const rk_setup_##SUFFIX *c, const T *tau, const T *dt,  
         h[b] = end - tau[b];                                                                     \
     }                                                                                            \
     for (int64_t i = 0; i < c->s; ++i)                                                           \
-        for (int64_t b = 0; b < B; ++b) F[(TIMES_ROW + i) * B + b] = tau[b] + h[b] * c->c[i];    \
+        for (int64_t b = 0; b < B; ++b) F[(TIMES_ROW + i) * B + b] = FMA(h[b], c->c[i], tau[b]); \
     return active_count;                                                                         \
 }                                                                                                \
                                                                                                  \
@@ -127,7 +131,8 @@ static void rows_finite_##SUFFIX(const T *x, int64_t B, int64_t n, uint8_t *out)
                                                                                                  \
 /* Hairer–Wanner's starting step (controller.initial_step) in two halves around the one call of f: \
    the first gives dt0 and the point (t0 + dt0, y0 + dt0 f0) to evaluate f at; the second, given f \
-   there, the step. W (4, B): rows d1, dt0, t1 and the result; V (2, B) scratch; y1 (B, n). */    \
+   there, the step. W (5, B): rows d1, dt0, t1 (f's time: never written again), scratch and the    \
+   result; V (2, B) scratch; y1 (B, n). */                                                        \
 void rk_first_step_a_##SUFFIX(const rk_setup_##SUFFIX *c, const T *t0, const T *y0, const T *f0, \
                               T *W, uint8_t *V, T *y1) {                                         \
     const int64_t B = c->B, n = c->n;                                                            \
@@ -149,7 +154,7 @@ void rk_first_step_a_##SUFFIX(const rk_setup_##SUFFIX *c, const T *t0, const T *
 void rk_first_step_b_##SUFFIX(const rk_setup_##SUFFIX *c, const T *t0, const T *y0, const T *f0, \
                               const T *f1, T order, T *W, uint8_t *V) {                          \
     const int64_t B = c->B, n = c->n;                                                            \
-    T *d1 = W, *dt0 = W + B, *d2 = W + 2 * B, *dt = W + 3 * B;                                    \
+    T *d1 = W, *dt0 = W + B, *d2 = W + 3 * B, *dt = W + 4 * B;                                    \
     uint8_t *valid = NULL;                                                                       \
     if (c->lockstep) {                                                                           \
         valid = V;                                    /* (row 0: f0 finite, from the first half) */ \
@@ -173,7 +178,7 @@ void rk_combine_##SUFFIX(T *restrict out, const T *y, const T *h, const T *const
                          const T *w, int64_t nk, int64_t B, int64_t n) {                         \
     weighted_sum_##SUFFIX(out, ks, w, nk, B * n);                                                \
     for (int64_t b = 0; b < B; ++b)                                                              \
-        for (int64_t i = 0; i < n; ++i) out[b * n + i] = y[b * n + i] + h[b] * out[b * n + i];   \
+        for (int64_t i = 0; i < n; ++i) out[b * n + i] = FMA(h[b], out[b * n + i], y[b * n + i]); \
 }                                                                                                \
                                                                                                  \
 /* The save points sample b's accepted step [t0, t1] covers (loop._flush_saves): y1 at t1, else \
@@ -201,7 +206,7 @@ static void save_##SUFFIX(int64_t b, int64_t n, int64_t s, int64_t n_save, const
             for (int64_t i = 0; i < n; ++i) {                                                    \
                 T acc = w[0] * ks[0][b * n + i];                                                 \
                 for (int64_t j = 1; j < s; ++j) acc += w[j] * ks[j][b * n + i];                  \
-                out[i] = y[b * n + i] + h * acc;                                                 \
+                out[i] = FMA(h, acc, y[b * n + i]);                                              \
             }                                                                                    \
         } else {                                                                                 \
             for (int64_t i = 0; i < n; ++i) {                                                    \
@@ -350,5 +355,5 @@ int64_t rk_judge_##SUFFIX(const rk_setup_##SUFFIX *c,                           
     return still_running;                                                                        \
 }
 
-DEFINE_RK_STEP(double, f64, sqrt, pow, nextafter, (double)INFINITY)
-DEFINE_RK_STEP(float, f32, sqrtf, powf, nextafterf, (float)INFINITY)
+DEFINE_RK_STEP(double, f64, sqrt, pow, nextafter, fma, (double)INFINITY)
+DEFINE_RK_STEP(float, f32, sqrtf, powf, nextafterf, fmaf, (float)INFINITY)
