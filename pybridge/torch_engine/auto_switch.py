@@ -77,6 +77,9 @@ class AutoSwitch:
     def __init__(self, explicit, stiff, *, nonstifftol=0.9, stifftol=0.9, maxstiffstep=10,
                  maxnonstiffstep=3, dtfac=2.0):
         self.explicit, self.stiff = explicit, stiff
+        # The stiff method's counters, 0 for a sample that never used it (not absent: a batch's
+        # Stats would otherwise have them or not depending on its other samples).
+        self.counter_names = getattr(stiff, "counter_names", ())
         self.nonstifftol, self.stifftol = nonstifftol, stifftol
         self.maxstiffstep, self.maxnonstiffstep, self.dtfac = maxstiffstep, maxnonstiffstep, dtfac
         # The initial step is the explicit method's (the solve starts non-stiff, as OrdinaryDiffEq).

@@ -60,6 +60,7 @@ class ESDIRK:
     kappa = 0.01        # Newton stopping criterion η·‖Δz‖ ≤ κ (scaled norm)
     max_iters = 10
     fast_convergence = 1e-5   # OrdinaryDiffEq: a first correction below this converges at once
+    counter_names = ("njac", "nlu", "nsolve", "nnonliniter", "nnonlinconvfail")   # (its steps' stats)
 
     def __init__(self, tableau: ESDIRKTableau, dtype: torch.dtype, device: torch.device):
         self.tableau = tableau

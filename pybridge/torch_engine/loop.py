@@ -421,7 +421,7 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
     status = torch.full((B,), RUNNING, dtype=torch.long, device=device)
     if failed_at_start is not None:
         status = torch.where(failed_at_start, int(ReturnCode.Unstable), status)
-    counters = {}
+    counters = {key: [] for key in getattr(method, "counter_names", ())}
     # Per-iteration bookkeeping is kept as lists and reduced once after the loop (fewer ops per step).
     actives, step_nfes, extra_evals = [], [], []
     # Interpolants with lazy stages (Vern7) evaluate f when they interpolate: (B,) counts of those.
@@ -602,6 +602,8 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
 
 def _count_while_active(active_steps, counts):
     """Σ over iterations of counts[i] (an int, or per sample) where the sample was active (N, B)."""
+    if not counts:   # (a counter the method has but no step reported)
+        return torch.zeros(active_steps.shape[1], dtype=torch.long, device=active_steps.device)
     if all(isinstance(c, int) for c in counts):
         if len(set(counts)) == 1:
             return counts[0] * active_steps.sum(0)

@@ -32,6 +32,7 @@ class Rosenbrock:
     """Steps a RosenbrockTableau on (B, n) states."""
 
     qsteady_max = 1.2   # implicit-method controller: keep dt when 1 ≤ q ≤ 1.2 (OrdinaryDiffEq)
+    counter_names = ("njac", "nlu", "nsolve")   # what its steps' stats count (Stats has them, 0 or more)
 
     def __init__(self, tableau: RosenbrockTableau, dtype: torch.dtype, device: torch.device):
         self.tableau = tableau
