@@ -3,8 +3,9 @@
  *
  * Why: on a small problem each torch op costs ~1-5 µs of dispatch, about as much as its arithmetic,
  * and an iteration of loop.Advance is ~100 of them. Here it is three kinds of call: rk_aim (where
- * each sample's step ends), rk_combine (one stage's argument y + h Σ w_j k_j) and rk_judge (error
- * norm, acceptance, the PI controller, return codes, the stiffness estimate, the next state).
+ * each sample's step ends, the stage times), rk_combine (one stage's argument y + h Σ w_j k_j) and
+ * rk_judge (error norm, acceptance, the PI controller, return codes, the stiffness estimate, the
+ * next state, the save points the step covers); rk_first_step_a/_b are the initial step.
  *
  * loop.Advance, explicit_rk.py and controller.py are the reference: every formula below is
  * theirs, in the same floating-point type and, where it matters, the same order (a step's end
@@ -31,11 +32,12 @@ enum { HIT_ROW, ACCEPT_ROW, RUNNING_ROW };
 #define NAN_MAX(a, b) (((a) != (a) || (b) != (b)) ? ((a) + (b)) : ((a) > (b) ? (a) : (b)))
 #define NAN_MIN(a, b) (((a) != (a) || (b) != (b)) ? ((a) + (b)) : ((a) < (b) ? (a) : (b)))
 
-#define DEFINE_RK_STEP(T, SUFFIX, SQRT, POW, NEXTAFTER, FMA, INF)                                      \
+#define DEFINE_RK_STEP(T, SUFFIX, SQRT, POW, NEXTAFTER, FMA, INF)                                 \
                                                                                                  \
 /* What stays the same through a solve (native_rk mirrors it): sizes, the nodes c and the error    \
-   weights (b − b̂), per-sample end times and limits, (B, n) tolerances, the controller's constants, the    \
-   return codes, and the save points (ys NULL: none written here; dense NULL: Hermite). */        \
+   weights (b − b̂), per-sample end times and limits, (B, n) tolerances, the controller's          \
+   constants, the return codes, and the save points (ys NULL: none written here; dense NULL:      \
+   cubic Hermite). */                                                                             \
 typedef struct {                                                                                 \
     int64_t B, n, s, lockstep;                                                                   \
     const T *c, *btilde, *tau_end, *slack, *dtmax, *atol, *rtol;                                 \
