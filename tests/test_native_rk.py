@@ -6,7 +6,6 @@ step control, batches, float32 far from t = 0, per-sample failures) on the nativ
 """
 import contextlib
 import math
-import shutil
 import warnings
 
 import pytest
@@ -85,11 +84,13 @@ def mixed_batch(dtype=torch.float64, B=12):
 
 @needs_library
 @pytest.mark.parametrize("batch", ["independent", "lockstep"])
-@pytest.mark.parametrize("solver", test_explicit.ADAPTIVE, ids=lambda s: s.__name__)
+@pytest.mark.parametrize("solver", test_explicit.ADAPTIVE + [pb.Heun, pb.Midpoint], ids=lambda s: s.__name__)
 def test_native_iterations_agree_with_torch_ones(solver, batch):
+    """(Heun and Midpoint: adaptive on request, without FSAL, saved through cubic Hermite.)"""
     f, y0 = mixed_batch()
     prob = pb.ODEProblem(f, y0, torch.linspace(0, 4, 17, dtype=torch.float64))
-    native, reference = solve_both(prob, solver(), rtol=1e-6, atol=1e-8, batch=batch)
+    kw = dict(adaptive=True) if solver in (pb.Heun, pb.Midpoint) else {}
+    native, reference = solve_both(prob, solver(), rtol=1e-6, atol=1e-8, batch=batch, **kw)
     assert native.success
     assert_same_solve(native, reference, ys_tol=1e-9)
 
@@ -237,18 +238,41 @@ def test_a_method_first_built_inside_a_functorch_transform_still_runs_natively()
     torch.testing.assert_close(ys[-1], y0 * math.exp(-0.7), rtol=1e-5, atol=0)
 
 
+@needs_library
 def test_native_step_is_used_exactly_where_it_applies(monkeypatch):
-    if shutil.which("cc") is None:
-        pytest.skip("no C compiler on this machine")
+    from pybridge.torch_engine.controller import PIController
+    from pybridge.torch_engine.engine import build_method
+    from pybridge.torch_engine.loop import LoopOptions
     f, y0 = mixed_batch()
     prob = pb.ODEProblem(f, y0, torch.linspace(0, 1, 3, dtype=torch.float64))
     with torch.no_grad(), native_path():
         pb.solve(prob, pb.Tsit5())
-    for kw in (dict(), dict(adaptive=False, dt=0.1)):       # gradients recorded; fixed steps
-        with native_path(expected=False):
-            pb.solve(prob, pb.Tsit5(), **kw)
+    with native_path(expected=False):                        # gradients recorded
+        pb.solve(prob, pb.Tsit5())
     with torch.no_grad(), native_path(expected=False):
         pb.solve(prob, pb.Rodas5P())                         # not an explicit RK method
+        pb.solve(prob, pb.Tsit5(), adaptive=False, dt=0.1)   # fixed steps
+    # Each condition alone, from a case that qualifies.
+    cpu = torch.device("cpu")
+    tsit5, controller = build_method(pb.Tsit5(), torch.float64, cpu), PIController.for_order(5)
+    with torch.no_grad():
+        assert native_rk.usable(tsit5, LoopOptions(), y0, controller)
+        assert not native_rk.usable(build_method(pb.Rodas5P(), torch.float64, cpu), LoopOptions(), y0, controller)
+        for opts in (LoopOptions(adaptive=False), LoopOptions(compile=True), LoopOptions(stop_at_saves=True),
+                     LoopOptions(probe=("unbiased", torch.zeros(12)))):
+            assert not native_rk.usable(tsit5, opts, y0, controller), opts
+        other_controller = type("OtherController", (), {"propose": PIController.propose})()
+        assert not native_rk.usable(tsit5, LoopOptions(), y0, other_controller)
+        assert not native_rk.usable(tsit5, LoopOptions(), y0.half(), controller)
+        assert not native_rk.usable(tsit5, LoopOptions(), y0.to(torch.complex128), controller)
+
+        class Subclass(torch.Tensor):
+            pass
+        assert not native_rk.usable(tsit5, LoopOptions(), y0.as_subclass(Subclass), controller)
+        import torch.autograd.forward_ad as fwAD
+        with fwAD.dual_level():
+            assert not native_rk.usable(tsit5, LoopOptions(), y0, controller)
+    assert not native_rk.usable(tsit5, LoopOptions(), y0, controller)     # (gradients recorded)
     monkeypatch.setattr(native_rk._LIB, "_tried", False)
     monkeypatch.setattr(native_rk._LIB, "_library", None)
     monkeypatch.setenv("PYBRIDGE_NATIVE_STEP", "0")
@@ -286,6 +310,7 @@ def _cases():
     out = []
     for test in REUSED:
         marks = [m for m in getattr(test, "pytestmark", []) if m.name == "parametrize"]
+        assert len(marks) <= 1, f"{test.__name__}: one parametrize mark is expanded here"
         if not marks:
             out.append(pytest.param(test, {}, id=test.__name__))
             continue
@@ -301,5 +326,6 @@ def _cases():
 @needs_library
 @pytest.mark.parametrize("test,kwargs", _cases())
 def test_explicit_solver_tests_pass_on_the_native_path(test, kwargs):
-    with torch.no_grad():
+    stiff = any(getattr(v, "family", "explicit_rk") != "explicit_rk" for v in kwargs.values())
+    with torch.no_grad(), native_path(expected=not stiff):   # (a stiff solver's case: the torch loop)
         test(**kwargs)

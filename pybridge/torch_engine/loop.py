@@ -12,9 +12,9 @@ nreject counts (reduced from per-iteration records after the loop).
 
 The tensor work of an iteration (choose h, step, error norm, accept, controller, return codes) is
 `Advance`, a pure function of the loop state; `integrate` keeps the records. With
-`LoopOptions.compile`, Advance runs as one torch.compile'd graph. Eager CPU solves of the explicit
-methods that record no gradients run native_rk.NativeAdvance instead: the same iteration with its
-bookkeeping in C (and the save points written as each step is accepted).
+`LoopOptions.compile`, Advance runs as one torch.compile'd graph. Eager CPU solves of the adaptive
+explicit methods that record no gradients run native_rk.NativeAdvance instead: the same iteration
+with its bookkeeping in C (and the save points written as each step is accepted).
 
 Time runs in τ = direction·t, so every sample integrates forwards; the caller's right-hand side
 already accounts for the sign.
@@ -394,12 +394,12 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
     dtmax = span if opts.dtmax is None else torch.clamp(span, max=opts.dtmax)
 
     end_only = saves_end_only(opts, T)
-    native = None
+    native, inline_saves = None, False
     if native_rk.usable(method, opts, y0, controller):   # (the same iteration with its bookkeeping in C)
+        inline_saves = not end_only and native_rk.NativeAdvance.saves_inline(method)
+        # (the step's stages are kept for dense output and for save points the loop interpolates)
         native = native_rk.NativeAdvance(rhs, method, controller, opts, atol, rtol, tau_save, dtmax, y0,
-                                         saves=not end_only and native_rk.NativeAdvance.saves_inline(method),
-                                         keep_stages=opts.dense)
-    inline_saves = native is not None and native.ys is not None
+                                         saves=inline_saves, keep_stages=opts.dense or not (end_only or inline_saves))
 
     nfe = torch.ones(B, dtype=torch.long, device=device)
     y, k1, failed_at_start = stand_in_where_f_fails_at_start(rhs, tau, y0, rhs(tau, y0))

@@ -3,7 +3,8 @@ their bookkeeping in rk_step.c.
 
 On a small problem the solver's cost is its number of dispatched torch ops (~1-5 µs each), and an
 iteration of loop.Advance is ~100 of them beside the network's calls. :class:`NativeAdvance` does
-the same iteration with one C call to aim the step, one per stage argument and one to judge it.
+the same iteration with one C call to aim the step, one per stage argument (and one for y1 without
+FSAL) and one to judge it.
 Measured on the issue-2 reference problem (MLP 2→64→2, batch 256, float32, one thread, 2026-12-06):
 see benchmarks/RESULTS.md.
 
@@ -15,6 +16,7 @@ so solutions agree to rounding (tests/test_native_rk.py compares them).
 from __future__ import annotations
 
 import ctypes
+import functools
 from pathlib import Path
 
 import torch
@@ -33,8 +35,8 @@ _kernels = {}   # dtype -> (Setup structure, aim, combine, judge, (first_step_a,
 def _setup_structure(real):
     """rk_setup_<T> of rk_step.c (a solve's constants), for the scalar type real."""
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fields = ([(name, i64) for name in ("B", "n", "s", "lockstep")]
-              + [(name, ptr) for name in ("c", "btilde", "tau_end", "slack", "dtmax", "atol", "rtol")]
+    fields = ([(name, i64) for name in ("B", "n", "s", "lockstep", "fused")]
+              + [(name, ptr) for name in ("nodes", "btilde", "tau_end", "slack", "dtmax", "atol", "rtol")]
               + [(name, real) for name in ("beta1", "beta2", "gamma", "qmin", "qmax", "qsteady_min", "qsteady_max",
                                            "dtmin")]
               + [(name, i64) for name in ("code_running", "code_success", "code_dtmin", "code_unstable", "n_save", "D")]
@@ -48,9 +50,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         setup = _setup_structure(real)
         aim, combine, judge = (getattr(lib, f"rk_{name}_{suffix}") for name in ("aim", "combine", "judge"))
         aim.argtypes = [ctypes.POINTER(setup)] + [ptr] * 5
-        aim.restype = i64
-        combine.argtypes = [ptr] * 5 + [i64] * 3
-        combine.restype = None
+        combine.argtypes = [ptr] * 5 + [i64] * 4
+        aim.restype = combine.restype = None
         judge.argtypes = [ctypes.POINTER(setup)] + [ptr] * 18
         judge.restype = i64
         first_a, first_b = getattr(lib, f"rk_first_step_a_{suffix}"), getattr(lib, f"rk_first_step_b_{suffix}")
@@ -76,17 +77,26 @@ def usable(method, opts, y0: torch.Tensor, controller) -> bool:
             and _LIB.get() is not None)
 
 
+@functools.lru_cache(maxsize=None)
+def torch_fuses_multiply_add() -> bool:
+    """Whether torch's addcmul rounds a + b·c once (its AVX2/AVX512 CPU kernels fuse it) or twice
+    (its default kernels): the kernels' MADD follows, so that stage times and arguments agree."""
+    a, b, c = (torch.full((64,), v, dtype=torch.float32) for v in (100000.25, 0.1171875, 0.3))
+    fused = torch.addcmul(a, b, c)           # 100000.2890625 rounded once, 100000.28125 twice
+    return bool((fused != a + b * c).all())
+
+
 _coefficient_arrays = {}   # (tableau name, dtype) -> _coefficients
 
 
 def _coefficients(tableau, dtype) -> dict:
     """The tableau's coefficients as arrays of dtype for the kernels (made once: read only)."""
     key = (tableau.name, dtype)
-    if key not in _coefficient_arrays:
+    if key not in _coefficient_arrays or _coefficient_arrays[key]["tableau"] is not tableau:
         as_array = lambda v: torch.tensor([float(x) for x in v], dtype=dtype)  # noqa: E731
         a_rows = [as_array(row) if len(row) else None for row in tableau.a]
         _coefficient_arrays[key] = {
-            "a_rows": a_rows, "a_ptrs": [0 if row is None else row.data_ptr() for row in a_rows],
+            "tableau": tableau, "a_rows": a_rows, "a_ptrs": [0 if row is None else row.data_ptr() for row in a_rows],
             "b": as_array(tableau.b), "c": as_array(tableau.c), "btilde": as_array(tableau.b_error),
             # (from the tableau's numbers, not the method's tensors: a method first built inside a
             # torch.func transform holds wrappers without storage)
@@ -108,7 +118,8 @@ class NativeAdvance:
 
     With `saves`, each accepted step also writes the save points it covers, as loop._flush_saves
     would (not for interpolants with lazy stages, which call f; see saves_inline), and
-    :meth:`saved` gives ys (T, B, n). Iteration.step.ks is then filled only if `keep_stages`."""
+    :meth:`saved` gives ys (T, B, n). Iteration.step.ks (B, s, n) is filled only with `keep_stages`
+    (dense output, or save points the loop interpolates)."""
 
     def __init__(self, rhs, method, controller, opts, atol, rtol, tau_save, dtmax, y0, saves=False,
                  keep_stages=True):
@@ -122,15 +133,15 @@ class NativeAdvance:
         self.stage_ptrs = (ctypes.c_void_p * s)()
         coefficients = _coefficients(tab, dtype)
         self.a_ptrs, self.b = coefficients["a_ptrs"], coefficients["b"]
-        self.keep_stages = keep_stages or not saves
+        self.keep_stages = keep_stages
         self.first_call = True
         tau_end, slack = end_targets(tau_save)
         tolerance = lambda x: torch.broadcast_to(torch.as_tensor(x, dtype=dtype), (B, n)).contiguous()  # noqa: E731
         # Tensors the setup points into are kept here (the structure holds bare addresses).
-        self._held = {"c": coefficients["c"], "btilde": coefficients["btilde"], "tau_end": tau_end, "slack": slack,
+        self._held = {"nodes": coefficients["c"], "btilde": coefficients["btilde"], "tau_end": tau_end, "slack": slack,
                       "dtmax": dtmax.expand(B).contiguous(), "atol": tolerance(atol), "rtol": tolerance(rtol)}
         self.setup = setup_type(
-            B=B, n=n, s=s, lockstep=int(opts.lockstep),
+            B=B, n=n, s=s, lockstep=int(opts.lockstep), fused=int(torch_fuses_multiply_add()),
             beta1=controller.beta1, beta2=controller.beta2, gamma=controller.gamma, qmin=controller.qmin,
             qmax=controller.qmax, qsteady_min=controller.qsteady_min, qsteady_max=controller.qsteady_max,
             dtmin=float(opts.dtmin), code_running=int(ReturnCode.Running), code_success=int(ReturnCode.Success),
@@ -170,9 +181,10 @@ class NativeAdvance:
         """The values at the save times, (T, B, n): y0 first, NaN where a sample did not get."""
         return self.ys.transpose(0, 1)
 
-    def _stage_argument(self, y, h, args):
-        """stage_argument for ExplicitRK.stages: y_i = y + h Σ_j a_ij k_j by the kernel, into args[i - 1]."""
-        ptrs, B, n = self.stage_ptrs, y.shape[0], y.shape[1]
+    def _stage_argument(self, y, h, rows):
+        """stage_argument for ExplicitRK.stages: y_i = y + h Σ_j a_ij k_j by the kernel, written into
+        rows[i - 1]."""
+        ptrs, B, n, fused = self.stage_ptrs, y.shape[0], y.shape[1], self.setup.fused
         y_ptr, h_ptr, a_ptrs, combine = y.data_ptr(), h.data_ptr(), self.a_ptrs, self.combine_fn
 
         def argument(i, ks):
@@ -180,8 +192,8 @@ class NativeAdvance:
             if k.dtype is not y.dtype or not k.is_contiguous() or not k.is_cpu:
                 k = ks[i - 1] = _plain(k, y)       # (the kernel reads raw memory)
             ptrs[i - 1] = k.data_ptr()
-            out = args[i - 1]
-            combine(out.data_ptr(), y_ptr, h_ptr, ptrs, a_ptrs[i], i, B, n)
+            out = rows[i - 1]
+            combine(out.data_ptr(), y_ptr, h_ptr, ptrs, a_ptrs[i], i, B, n, fused)
             return out
         return argument
 
@@ -192,22 +204,27 @@ class NativeAdvance:
             status = status.contiguous()
         B, n = y.shape
         s = self.s
-        # The per-sample results in three arrays (rk_step.c's rows), each split into views once.
+        # The per-sample results in arrays F, U, Y (rk_step.c's rows), each split into views once.
         F, U, Y = (torch.empty((7 + s, B), dtype=y.dtype), torch.empty((3, B), dtype=torch.bool),
-                   torch.empty((2 + s, B, n), dtype=y.dtype))
+                   torch.empty((2, B, n), dtype=y.dtype))
         h, t_end, eest, tau_new, dt_new, errold_new, stiff, *times = F.unbind(0)
         hit, accept, running = U.unbind(0)
-        y_new, k1_new, *stage_args = Y.unbind(0)
+        y_new, k1_new = Y.unbind(0)
+        # The stage arguments (and y1 without FSAL) as rows of one array; each its own where the loop
+        # keeps y1 for dense output (a row would keep the whole array alive).
+        rows = (list(torch.empty((s, B, n), dtype=y.dtype).unbind(0)) if not self.keep_stages
+                else [torch.empty_like(y) for _ in range(s)])
         self.aim_fn(self.setup_ref, tau.data_ptr(), dt.data_ptr(), status.data_ptr(), F.data_ptr(), U.data_ptr())
 
-        ks, args = self.method.stages(self.rhs, tau, y, h, k1, self._stage_argument(y, h, stage_args), times)
+        ks, args = self.method.stages(self.rhs, tau, y, h, k1, self._stage_argument(y, h, rows), times)
         ks[s - 1] = _plain(ks[s - 1], y)
         self.stage_ptrs[s - 1] = ks[s - 1].data_ptr()
         if self.fsal:
             y1, f_end, extra_eval = args[s - 1], ks[s - 1], None
         else:
-            y1 = stage_args[s - 1]
-            self.combine_fn(y1.data_ptr(), y.data_ptr(), h.data_ptr(), self.stage_ptrs, self.b.data_ptr(), s, B, n)
+            y1 = rows[s - 1]
+            self.combine_fn(y1.data_ptr(), y.data_ptr(), h.data_ptr(), self.stage_ptrs, self.b.data_ptr(), s, B, n,
+                            self.setup.fused)
             f_end = _plain(self.rhs(t_end, y1), y)
             extra_eval = accept
         # The stiffness pair (index s: the step's end), as ExplicitRK.stiffness_terms.

@@ -24,9 +24,10 @@
 enum { H_ROW, T_END_ROW, EEST_ROW, TAU_ROW, DT_ROW, ERROLD_ROW, STIFF_ROW, TIMES_ROW };
 enum { HIT_ROW, ACCEPT_ROW, RUNNING_ROW };
 
-/* Where torch fuses a multiply-add (addcmul: the stage times and arguments, the dense output) it
- * rounds once, and so does FMA here; elsewhere the rounding of separate operations is kept (ISO C
- * mode does not contract a + b*c). */
+/* torch's addcmul (the stage times and arguments, the dense output) rounds once where its CPU
+ * kernels fuse the multiply-add (AVX2/AVX512 builds) and twice where they do not: MADD follows the
+ * `fused` flag that native_rk.py sets from torch itself. Elsewhere separate operations round
+ * separately, as torch's do (native_build compiles with -ffp-contract=off). */
 
 /* torch.maximum: NaN if either is NaN (C's fmax would drop it). */
 #define NAN_MAX(a, b) (((a) != (a) || (b) != (b)) ? ((a) + (b)) : ((a) > (b) ? (a) : (b)))
@@ -39,8 +40,8 @@ enum { HIT_ROW, ACCEPT_ROW, RUNNING_ROW };
    constants, the return codes, and the save points (ys NULL: none written here; dense NULL:      \
    cubic Hermite). */                                                                             \
 typedef struct {                                                                                 \
-    int64_t B, n, s, lockstep;                                                                   \
-    const T *c, *btilde, *tau_end, *slack, *dtmax, *atol, *rtol;                                 \
+    int64_t B, n, s, lockstep, fused;                                                            \
+    const T *nodes, *btilde, *tau_end, *slack, *dtmax, *atol, *rtol;                             \
     T beta1, beta2, gamma, qmin, qmax, qsteady_min, qsteady_max, dtmin;                          \
     int64_t code_running, code_success, code_dtmin, code_unstable;                               \
     int64_t n_save, D;                                                                           \
@@ -48,6 +49,9 @@ typedef struct {                                                                
     int64_t *next_save;                                                                          \
     T *ys;                                                                                       \
 } rk_setup_##SUFFIX;                                                                             \
+                                                                                                 \
+/* a·b + x as torch's addcmul rounds it (see above). */                                          \
+static T madd_##SUFFIX(int fused, T a, T b, T x) { return fused ? FMA(a, b, x) : x + a * b; }    \
                                                                                                  \
 /* out[e] = Σ_j w_j ks[j][e] over the m elements, summed in the order of j. */                  \
 static void weighted_sum_##SUFFIX(T *restrict out, const T *const *ks, const T *w, int64_t nk,  \
@@ -61,19 +65,17 @@ static void weighted_sum_##SUFFIX(T *restrict out, const T *const *ks, const T *
     }                                                                                            \
 }                                                                                                \
                                                                                                  \
-/* h and the step's end time t_end per sample; hit: the step lands on the end (loop.Advance.aim). \
-   Returns the number of active (running) samples. */                                            \
-int64_t rk_aim_##SUFFIX(const rk_setup_##SUFFIX *c, const T *tau, const T *dt,                   \
+/* h, the step's end time t_end and the stage times per sample; hit: the step lands on the end    \
+   (loop.Advance.aim). */                                                                         \
+void rk_aim_##SUFFIX(const rk_setup_##SUFFIX *c, const T *tau, const T *dt,                      \
                         const int64_t *status, T *F, uint8_t *U) {                               \
     const int64_t B = c->B, running_code = c->code_running;                                      \
     T *h = F + H_ROW * B, *t_end = F + T_END_ROW * B;                                            \
     uint8_t *hit = U + HIT_ROW * B;                                                              \
     const T *tau_end = c->tau_end, *slack = c->slack;                                            \
     const T snap_fraction = (T)0.01;                                                             \
-    int64_t active_count = 0;                                                                    \
     for (int64_t b = 0; b < B; ++b) {                                                            \
         int active = status[b] == running_code;                                                  \
-        active_count += active;                                                                  \
         T remaining = tau_end[b] - tau[b];                                                       \
         T raw_end = tau[b] + (active ? dt[b] : (T)0);                                            \
         T cap = NAN_MIN(slack[b], snap_fraction * dt[b]);                                        \
@@ -84,8 +86,8 @@ int64_t rk_aim_##SUFFIX(const rk_setup_##SUFFIX *c, const T *tau, const T *dt,  
         h[b] = end - tau[b];                                                                     \
     }                                                                                            \
     for (int64_t i = 0; i < c->s; ++i)                                                           \
-        for (int64_t b = 0; b < B; ++b) F[(TIMES_ROW + i) * B + b] = FMA(h[b], c->c[i], tau[b]); \
-    return active_count;                                                                         \
+        for (int64_t b = 0; b < B; ++b)                                                          \
+            F[(TIMES_ROW + i) * B + b] = madd_##SUFFIX(c->fused, h[b], c->nodes[i], tau[b]);     \
 }                                                                                                \
                                                                                                  \
 /* _safe_sqrt: 0 for x ≤ 0 or NaN. */                                                           \
@@ -177,19 +179,23 @@ void rk_first_step_b_##SUFFIX(const rk_setup_##SUFFIX *c, const T *t0, const T *
 /* out = y + h ⊙ Σ_j w_j ks[j] (ExplicitRK's stage argument; zero weights kept, as torch's). The  \
    sum runs over j in order for every element, as a vectorisable loop per stage. */              \
 void rk_combine_##SUFFIX(T *restrict out, const T *y, const T *h, const T *const *ks,            \
-                         const T *w, int64_t nk, int64_t B, int64_t n) {                         \
+                         const T *w, int64_t nk, int64_t B, int64_t n, int64_t fused) {          \
     weighted_sum_##SUFFIX(out, ks, w, nk, B * n);                                                \
     for (int64_t b = 0; b < B; ++b)                                                              \
-        for (int64_t i = 0; i < n; ++i) out[b * n + i] = FMA(h[b], out[b * n + i], y[b * n + i]); \
+        for (int64_t i = 0; i < n; ++i)                                                          \
+            out[b * n + i] = madd_##SUFFIX((int)fused, h[b], out[b * n + i], y[b * n + i]);      \
 }                                                                                                \
                                                                                                  \
 /* The save points sample b's accepted step [t0, t1] covers (loop._flush_saves): y1 at t1, else \
    the method's dense output at θ = (t − t0)/h, y0 + h Σ_i b_i(θ) k_i with                        \
    b_i(θ) = Σ_m dense[i][m] θ^(m+1) (dense (s, D)), or cubic Hermite where dense is NULL          \
    (explicit_rk.hermite). ys (B, n_save, n); next_save[b] advances past what was written. */      \
-static void save_##SUFFIX(int64_t b, int64_t n, int64_t s, int64_t n_save, const T *tau_save,    \
-                          int64_t *next_save, T *ys, const T *dense, int64_t D, const T *y,       \
-                          const T *y1, const T *f_end, const T *const *ks, T t0, T h, T t1) {    \
+static void save_##SUFFIX(const rk_setup_##SUFFIX *c, int64_t b, const T *y, const T *y1,       \
+                          const T *f_end, const T *const *ks, T t0, T h, T t1) {                 \
+    const int64_t n = c->n, s = c->s, n_save = c->n_save, D = c->D;                              \
+    const T *tau_save = c->tau_save, *dense = c->dense;                                          \
+    int64_t *next_save = c->next_save;                                                           \
+    T *ys = c->ys;                                                                               \
     int64_t k = next_save[b];                                                                    \
     for (; k < n_save && tau_save[b * n_save + k] <= t1; ++k) {                                  \
         T tq = tau_save[b * n_save + k], *out = ys + (b * n_save + k) * n;                       \
@@ -208,7 +214,7 @@ static void save_##SUFFIX(int64_t b, int64_t n, int64_t s, int64_t n_save, const
             for (int64_t i = 0; i < n; ++i) {                                                    \
                 T acc = w[0] * ks[0][b * n + i];                                                 \
                 for (int64_t j = 1; j < s; ++j) acc += w[j] * ks[j][b * n + i];                  \
-                out[i] = FMA(h, acc, y[b * n + i]);                                              \
+                out[i] = madd_##SUFFIX((int)c->fused, h, acc, y[b * n + i]);                     \
             }                                                                                    \
         } else {                                                                                 \
             for (int64_t i = 0; i < n; ++i) {                                                    \
@@ -231,16 +237,12 @@ int64_t rk_judge_##SUFFIX(const rk_setup_##SUFFIX *c,                           
         const T *tau, const T *dt, const int64_t *status, const T *errold,                       \
         const T *kI, const T *kJ, const T *gI, const T *gJ,                                      \
         T *F, uint8_t *U, T *Y, int64_t *status_out) {                                           \
-    const int64_t B = c->B, n = c->n, s = c->s, lockstep = c->lockstep, D = c->D;               \
+    const int64_t B = c->B, n = c->n, s = c->s, lockstep = c->lockstep;                         \
     const int64_t code_running = c->code_running, code_success = c->code_success,               \
                   code_dtmin = c->code_dtmin, code_unstable = c->code_unstable;                 \
     const T *btilde = c->btilde, *dtmax = c->dtmax, *atol = c->atol, *rtol = c->rtol;            \
     const T beta1 = c->beta1, beta2 = c->beta2, gamma = c->gamma, qmin = c->qmin, qmax = c->qmax; \
     const T qsteady_min = c->qsteady_min, qsteady_max = c->qsteady_max, dtmin_opt = c->dtmin;   \
-    const int64_t n_save = c->n_save;                                                            \
-    const T *tau_save = c->tau_save, *dense = c->dense;                                          \
-    int64_t *next_save = c->next_save;                                                           \
-    T *ys = c->ys;                                                                               \
     const T *h = F + H_ROW * B, *t_end = F + T_END_ROW * B;                                      \
     T *eest_out = F + EEST_ROW * B, *tau_out = F + TAU_ROW * B, *dt_out = F + DT_ROW * B;        \
     T *errold_out = F + ERROLD_ROW * B, *stiff_out = F + STIFF_ROW * B;                          \
@@ -350,9 +352,8 @@ int64_t rk_judge_##SUFFIX(const rk_setup_##SUFFIX *c,                           
         running_out[b] = (uint8_t)(code == code_running);                                        \
         still_running += code == code_running;                                                   \
         accept_out[b] = (uint8_t)accept;                                                         \
-        if (ys && accept)                                                                        \
-            save_##SUFFIX(b, n, s, n_save, tau_save, next_save, ys, dense, D, y, y1, f_end, ks,  \
-                          tau[b], h[b], t_end[b]);                                               \
+        if (c->ys && accept)                                                                     \
+            save_##SUFFIX(c, b, y, y1, f_end, ks, tau[b], h[b], t_end[b]);                       \
     }                                                                                            \
     return still_running;                                                                        \
 }
