@@ -718,17 +718,23 @@ def end_saves(y0, y_end, reached):
 def _compact(series: dict, mask_key: Optional[str], mask_list=None) -> dict:
     """Stack per-iteration (B, ...) tensors to (B, N, ...) keeping accepted steps, left-aligned."""
     mask = torch.stack(series[mask_key] if mask_key else mask_list, 1)  # (B, N)
-    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
+    # Without a rejected step in any sample, every row is already accepted steps then padding: no
+    # sort and gathers (one host read instead; a solve's whole trace is small).
+    aligned = mask.shape[1] < 2 or not bool((mask[:, 1:] & ~mask[:, :-1]).any())
+    order = None if aligned else torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
     out = {}
     for key, vals in series.items():
         if key == mask_key:
             continue
         x = torch.stack(vals, 1)
-        gather_idx = order.view(order.shape + (1,) * (x.dim() - 2)).expand_as(x)
-        x = torch.gather(x, 1, gather_idx)
-        m = torch.gather(mask, 1, order).view(order.shape + (1,) * (x.dim() - 2))
+        m = mask
+        if order is not None:
+            gather_idx = order.view(order.shape + (1,) * (x.dim() - 2)).expand_as(x)
+            x = torch.gather(x, 1, gather_idx)
+            m = torch.gather(mask, 1, order)
+        m = m.view(mask.shape + (1,) * (x.dim() - 2))
         out[key] = torch.where(m, x, torch.zeros_like(x))
-    out["mask"] = torch.gather(mask, 1, order)
+    out["mask"] = mask if order is None else torch.gather(mask, 1, order)
     return out
 
 

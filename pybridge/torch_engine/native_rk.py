@@ -205,15 +205,15 @@ class NativeAdvance:
         B, n = y.shape
         s = self.s
         # The per-sample results in arrays F, U, Y (rk_step.c's rows), each split into views once.
+        # The stage arguments (and y1 without FSAL) are further rows of Y; each its own tensor where the
+        # loop keeps the step's data (y1 for dense output: a row would keep the whole array alive).
         F, U, Y = (torch.empty((7 + s, B), dtype=y.dtype), torch.empty((3, B), dtype=torch.bool),
-                   torch.empty((2, B, n), dtype=y.dtype))
+                   torch.empty((2 if self.keep_stages else 2 + s, B, n), dtype=y.dtype))
         h, t_end, eest, tau_new, dt_new, errold_new, stiff, *times = F.unbind(0)
         hit, accept, running = U.unbind(0)
-        y_new, k1_new = Y.unbind(0)
-        # The stage arguments (and y1 without FSAL) as rows of one array; each its own where the loop
-        # keeps y1 for dense output (a row would keep the whole array alive).
-        rows = (list(torch.empty((s, B, n), dtype=y.dtype).unbind(0)) if not self.keep_stages
-                else [torch.empty_like(y) for _ in range(s)])
+        y_new, k1_new, *rows = Y.unbind(0)
+        if self.keep_stages:
+            rows = [torch.empty_like(y) for _ in range(s)]
         self.aim_fn(self.setup_ref, tau.data_ptr(), dt.data_ptr(), status.data_ptr(), F.data_ptr(), U.data_ptr())
 
         ks, args = self.method.stages(self.rhs, tau, y, h, k1, self._stage_argument(y, h, rows), times)
