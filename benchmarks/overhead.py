@@ -30,6 +30,7 @@ Writes the section "## Overhead (issue 2)" of benchmarks/RESULTS.md (other secti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import math
 import os
@@ -93,13 +94,8 @@ def run_pybridge(solver, batch, compile=False, native=True):
     from pybridge.torch_engine import native_rk
 
     def go(f, y0, t, rtol, atol):
-        usable = native_rk.usable
-        if not native:
-            native_rk.usable = lambda *args: False
-        try:
+        with contextlib.nullcontext() if native else native_rk.torch_loop_only():
             sol = pb.solve(pb.ODEProblem(f, y0, t), solver, rtol=rtol, atol=atol, batch=batch, compile=compile)
-        finally:
-            native_rk.usable = usable
         nfe = sol.stats.nfe.reshape(-1).double()
         return sol.ys, int(nfe.max()), float(nfe.mean())
     return go

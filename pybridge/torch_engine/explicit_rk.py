@@ -101,11 +101,17 @@ class ExplicitRK:
 
     def stiffness_terms(self, step: RKStep, y1, f1):
         """The two differences the estimate is the norm ratio of, (B, n) each."""
-        s = step.ks.shape[1]
+        ks = step.ks
+        (k_i, k_j), (g_i, g_j) = self.stiffness_operands(lambda m: ks[:, m], ks.shape[1], step.stage_args, y1, f1)
+        return k_j - k_i, g_j - g_i
+
+    def stiffness_operands(self, stage, s, pair_args, y1, f1):
+        """((k_i, k_j), (g_i, g_j)) of the stiffness pair (i, j): stage(m) gives stage m of the s, the
+        pair's stage arguments are None where not kept; index s is the step's end (f1 at y1)."""
+        k = lambda m: f1 if m == s else stage(m)  # noqa: E731
+        g = lambda m, arg: y1 if (m == s or arg is None) else arg  # noqa: E731
         i, j = self.stiffness_pair
-        k = lambda m: f1 if m == s else step.ks[:, m]
-        g = lambda m, arg: y1 if (m == s or arg is None) else arg
-        return k(j) - k(i), g(j, step.stage_args[1]) - g(i, step.stage_args[0])
+        return (k(i), k(j)), (g(i, pair_args[0]), g(j, pair_args[1]))
 
     @staticmethod
     def stiffness_from_terms(dk, dg, norm: Norm):

@@ -15,6 +15,7 @@ so solutions agree to rounding (tests/test_native_rk.py compares them).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 from pathlib import Path
@@ -65,11 +66,26 @@ _LIB = NativeLibrary(Path(__file__).with_name("rk_step.c"), "PYBRIDGE_NATIVE_STE
                      "explicit solves use torch ops instead (slower on small problems)", _declare)
 
 
+_torch_loop_only = False
+
+
+@contextlib.contextmanager
+def torch_loop_only():
+    """Solves inside run loop.Advance even where NativeAdvance could (to compare the two, or to time
+    the path that solves recording gradients take)."""
+    global _torch_loop_only
+    previous, _torch_loop_only = _torch_loop_only, True
+    try:
+        yield
+    finally:
+        _torch_loop_only = previous
+
+
 def usable(method, opts, y0: torch.Tensor, controller) -> bool:
     """Whether NativeAdvance can run this solve: an adaptive explicit RK method, eager (not compiled),
     nothing recording gradients (autograd or forward-mode), a plain CPU float32/float64 state, the
     PI controller, steps not aimed at save points, no local-regularization probe, and the library."""
-    return (type(method) is ExplicitRK and method.adaptive and opts.adaptive and not opts.compile
+    return (not _torch_loop_only and type(method) is ExplicitRK and method.adaptive and opts.adaptive and not opts.compile
             and not opts.stop_at_saves and opts.probe is None and type(controller) is PIController
             and not torch.is_grad_enabled() and forward_ad._current_level < 0
             and type(y0) is torch.Tensor and y0.device.type == "cpu" and y0.dtype in _SCALAR
@@ -227,10 +243,9 @@ class NativeAdvance:
                             self.setup.fused)
             f_end = _plain(self.rhs(t_end, y1), y)
             extra_eval = accept
-        # The stiffness pair (index s: the step's end), as ExplicitRK.stiffness_terms.
         i, j = self.pair
-        k_i, k_j = (f_end if m == s else ks[m] for m in (i, j))
-        g_i, g_j = (y1 if m == s or args.get(m) is None else args[m] for m in (i, j))
+        (k_i, k_j), (g_i, g_j) = self.method.stiffness_operands(ks.__getitem__, s, (args.get(i), args.get(j)),
+                                                                    y1, f_end)
 
         K = torch.empty((B, s, n), dtype=y.dtype) if self.keep_stages else None
         status_new = torch.empty_like(status)

@@ -29,6 +29,9 @@ enum { HIT_ROW, ACCEPT_ROW, RUNNING_ROW };
  * `fused` flag that native_rk.py sets from torch itself. Elsewhere separate operations round
  * separately, as torch's do (native_build compiles with -ffp-contract=off). */
 
+/* |x| < inf: false for ±inf and NaN (as controller.rows_finite). */
+#define FINITE(x) ((x) < INFINITY && (x) > -INFINITY)
+
 /* torch.maximum: NaN if either is NaN (C's fmax would drop it). */
 #define NAN_MAX(a, b) (((a) != (a) || (b) != (b)) ? ((a) + (b)) : ((a) > (b) ? (a) : (b)))
 #define NAN_MIN(a, b) (((a) != (a) || (b) != (b)) ? ((a) + (b)) : ((a) < (b) ? (a) : (b)))
@@ -128,7 +131,7 @@ static void scaled_norm_##SUFFIX(const rk_setup_##SUFFIX *c, const T *y0, const 
 static void rows_finite_##SUFFIX(const T *x, int64_t B, int64_t n, uint8_t *out) {              \
     for (int64_t r = 0; r < B; ++r) {                                                            \
         int ok = 1;                                                                              \
-        for (int64_t i = 0; i < n; ++i) ok &= (x[r * n + i] < INF && x[r * n + i] > -INF);       \
+        for (int64_t i = 0; i < n; ++i) ok &= FINITE(x[r * n + i]);                               \
         out[r] = (uint8_t)ok;                                                                    \
     }                                                                                            \
 }                                                                                                \
@@ -171,7 +174,7 @@ void rk_first_step_b_##SUFFIX(const rk_setup_##SUFFIX *c, const T *t0, const T *
         T first = dmax <= (T)1e-15 ? NAN_MAX(dt0[b] * (T)1e-3, (T)1e-6)                          \
                                    : POW((T)0.01 / dmax, (T)1 / order);                          \
         T step = NAN_MIN(NAN_MIN((T)100 * dt0[b], first), c->dtmax[b]);                          \
-        if (!(step < INF && step > -INF)) step = (T)1e-6;                                        \
+        if (!FINITE(step)) step = (T)1e-6;                                                       \
         dt[b] = NAN_MIN(NAN_MAX(step, step_floor_##SUFFIX(t0[b])), c->dtmax[b]);                 \
     }                                                                                            \
 }                                                                                                \
@@ -268,12 +271,12 @@ int64_t rk_judge_##SUFFIX(const rk_setup_##SUFFIX *c,                           
             T err = h[b] * comb[e];                                                              \
             T ay = y[e] < 0 ? -y[e] : y[e], ay1 = y1[e] < 0 ? -y1[e] : y1[e];                    \
             T ratio = err / (atol[e] + rtol[e] * NAN_MAX(ay, ay1));                              \
-            err_finite &= (ratio < inf && ratio > -inf);                                         \
+            err_finite &= FINITE(ratio);                                                         \
             sq += ratio * ratio;                                                                 \
             T both = y1[e] + f_end[e];                                                           \
-            y1_finite &= (both < inf && both > -inf);                                            \
+            y1_finite &= FINITE(both);                                                           \
             T dk = kJ[e] - kI[e], dg = gJ[e] - gI[e];                                            \
-            stiff_finite &= (dk < inf && dk > -inf && dg < inf && dg > -inf);                    \
+            stiff_finite &= FINITE(dk) && FINITE(dg);                                            \
             dk2 += dk * dk; dg2 += dg * dg;                                                      \
         }                                                                                        \
         accept_out[b] = (uint8_t)(active && y1_finite);   /* (the error test comes below) */     \
