@@ -1,7 +1,7 @@
 """pybridge: neural differential equations with DifferentialEquations.jl-grade solvers in PyTorch,
 whose internal error and stiffness estimates are differentiable training signals."""
 from .adjoint import Adjoint, BacksolveAdjoint, DiscreteAdjoint, InterpolatingAdjoint, QuadratureAdjoint
-from .odeint import odeint, odeint_adjoint
+from .odeint import odeint, odeint_adjoint, odeint_event
 from . import plotting  # matplotlib is imported only when a plot is drawn
 from .problem import ODEProblem
 from .sde_problem import SDEProblem
@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Adjoint", "DiscreteAdjoint", "BacksolveAdjoint", "InterpolatingAdjoint", "QuadratureAdjoint",
     "error_regularizer", "stiffness_regularizer",
-    "ODEProblem", "solve", "odeint", "odeint_adjoint", "Solution", "Stats", "Trace", "ReturnCode", "SolveError",
+    "ODEProblem", "solve", "odeint", "odeint_adjoint", "odeint_event", "Solution", "Stats", "Trace", "ReturnCode", "SolveError",
     "Solver", "Euler", "Midpoint", "Heun", "RK4", "BS3", "DP5", "Tsit5", "Vern7",
     "Rosenbrock23", "Rodas4", "Rodas5P",
     "SDEProblem", "VirtualBrownianTree", "ReversibleAdjoint",

@@ -35,15 +35,39 @@ def odeint(func, y0, t, *, rtol: float = 1e-7, atol: float = 1e-9, method: str |
     max_num_steps × (len(t) − 1) steps (torchdiffeq bounds each interval of t separately).
     Differences: "rk4" is the classic RK4 (torchdiffeq's is the 3/8 rule, so fixed-step results
     differ at truncation-error level); "tsit5" is OrdinaryDiffEq's Tsit5 (torchdiffeq 0.2.5 has none).
+    event_fn(t, y): as torchdiffeq, the solve runs from t[0] (towards t[1] if given; later times
+    are ignored) until event_fn crosses zero and returns (event_t, solution at (t[0], event_t));
+    with several values, the first of them to cross. Both are differentiable (see
+    pybridge.solve's `event`; through odeint_adjoint, the state at the event time by the adjoint).
     (_adjoint: (adjoint, params), set by odeint_adjoint.)
     """
-    if event_fn is not None:
-        raise ValueError("odeint: event_fn is not supported by pybridge")
     method = "dopri5" if method is None else method
     if method not in METHODS:
         raise ValueError(f"odeint: unknown method {method!r}; pybridge supports {sorted(METHODS)}")
     if isinstance(y0, tuple):   # (its options are read once, by the call on the packed state)
-        return _odeint_tuple(func, y0, t, rtol, atol, method, options, _adjoint)
+        return _odeint_tuple(func, y0, t, rtol, atol, method, options, _adjoint, event_fn)
+    solver, kwargs, interp = _solver_and_options(method, options)
+    if _adjoint is not None:
+        kwargs["adjoint"], kwargs["adjoint_params"] = _adjoint
+    t = _as_times(t, y0)
+    if event_fn is not None:
+        return _until_event(func, y0, t, solver, rtol, atol, kwargs, event_fn)
+    if isinstance(t, torch.Tensor) and t.dim() == 1 and t.shape[0] == 1:
+        return y0[None]  # (torchdiffeq returns the initial state alone)
+    if "max_steps" in kwargs and isinstance(t, torch.Tensor) and t.dim() == 1:
+        # One budget for the whole solve, max_num_steps per interval of t on average (torchdiffeq
+        # bounds each interval's steps separately).
+        kwargs["max_steps"] *= max(t.shape[0] - 1, 1)
+    prob = ODEProblem(func, y0, t, batched=False)  # (checks y0 and t)
+    if not solver.adaptive and "dt" not in kwargs:
+        return _fixed_on_grid(func, y0, prob.t, solver, rtol, atol, kwargs)
+    if not solver.adaptive and interp == "linear":
+        return _linear_between_steps(func, y0, prob.t, solver, rtol, atol, kwargs)
+    return solve(prob, solver, rtol=rtol, atol=atol, raise_on_failure=True, **kwargs).ys
+
+
+def _solver_and_options(method, options):
+    """(solver, solve() keywords, interp) for torchdiffeq's method name and options."""
     kwargs = {}
     solver = METHODS[method]()
     ignored = FIXED_GRID_IGNORES if not solver.adaptive else ADAPTIVE_IGNORES
@@ -58,21 +82,71 @@ def odeint(func, y0, t, *, rtol: float = 1e-7, atol: float = 1e-9, method: str |
             warnings.warn(f"odeint: method {method!r} ignores option {key!r} (as torchdiffeq does)", stacklevel=2)
         elif OPTIONS[key] is not None:
             kwargs[OPTIONS[key]] = float(val) if OPTIONS[key] == "dt" else int(val)
-    if _adjoint is not None:
-        kwargs["adjoint"], kwargs["adjoint_params"] = _adjoint
-    t = _as_times(t, y0)
-    if isinstance(t, torch.Tensor) and t.dim() == 1 and t.shape[0] == 1:
-        return y0[None]  # (torchdiffeq returns the initial state alone)
-    if "max_steps" in kwargs and isinstance(t, torch.Tensor) and t.dim() == 1:
-        # One budget for the whole solve, max_num_steps per interval of t on average (torchdiffeq
-        # bounds each interval's steps separately).
-        kwargs["max_steps"] *= max(t.shape[0] - 1, 1)
-    prob = ODEProblem(func, y0, t, batched=False)  # (checks y0 and t)
+    return solver, kwargs, interp
+
+
+def _until_event(func, y0, t, solver, rtol, atol, kwargs, event_fn):
+    """torchdiffeq's odeint with event_fn: no end time, so the solve's end is a horizon no step
+    reaches (√(the dtype's largest number) past t0); the event, or max_num_steps, ends it."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] == 0:
+        raise ValueError(f"odeint: t must be a 1-d tensor holding the start time; got {getattr(t, 'shape', t)!r}")
     if not solver.adaptive and "dt" not in kwargs:
-        return _fixed_on_grid(func, y0, prob.t, solver, rtol, atol, kwargs)
-    if not solver.adaptive and interp == "linear":
-        return _linear_between_steps(func, y0, prob.t, solver, rtol, atol, kwargs)
-    return solve(prob, solver, rtol=rtol, atol=atol, raise_on_failure=True, **kwargs).ys
+        raise ValueError("odeint: event handling with a fixed-step method needs options={'step_size': ...}")
+    t0 = t[0]
+    with torch.no_grad():
+        if bool((torch.as_tensor(event_fn(t0, y0)) == 0).any()):
+            return t0, torch.stack([y0, y0])   # (as torchdiffeq: an event at the start ends the solve there)
+    sign = -1.0 if t.shape[0] > 1 and bool(t[1] < t[0]) else 1.0
+    horizon = math.sqrt(torch.finfo(y0.dtype).max)
+    span = torch.stack([t0, t0.detach() + sign * horizon])
+    plain = {k: v for k, v in kwargs.items() if k not in ("adjoint", "adjoint_params")}
+    if "adjoint" not in kwargs:
+        sol = solve(ODEProblem(func, y0, span, batched=False), solver, rtol=rtol, atol=atol, event=event_fn,
+                    raise_on_failure=True, **plain)
+        return sol.event_t, torch.stack([y0, sol.event_y])
+    # odeint_adjoint: find the event without gradients, solve up to it with the continuous adjoint,
+    # and link the event time's gradient there by the implicit function theorem (as torchdiffeq).
+    with torch.no_grad():
+        t_star = solve(ODEProblem(func, y0.detach(), span.detach(), batched=False), solver, rtol=rtol, atol=atol,
+                       event=event_fn, raise_on_failure=True, **plain).event_t
+    ys = solve(ODEProblem(func, y0, torch.stack([t0, t_star]), batched=False), solver, rtol=rtol, atol=atol,
+               raise_on_failure=True, **kwargs).ys
+    event_t, y_event = _link_event_time(func, event_fn, t_star, ys[-1])
+    return event_t, torch.stack([y0, y_event])
+
+
+def _link_event_time(func, event_fn, t_star, y_star):
+    """(t*, y*) with gradients: t* − (g − ḡ)/(dg/dt) (its value t*, its gradient −(dg/dp)/(dg/dt), the
+    component nearest zero being the one that crossed) and y* + f·(t − t*) (y*'s own gradient plus
+    the motion of the event time)."""
+    with torch.enable_grad():
+        t_var, y_var = t_star.detach().requires_grad_(True), y_star.detach().requires_grad_(True)
+        g = torch.as_tensor(event_fn(t_var, y_var)).reshape(-1)
+        which = int(g.detach().abs().argmin())
+        partial_t, partial_y = (torch.autograd.grad(g[which], (t_var, y_var), allow_unused=True)
+                                if g.requires_grad else (None, None))
+    with torch.no_grad():
+        f_star = func(t_star, y_star)
+    slope = torch.zeros_like(t_star)
+    if partial_t is not None:
+        slope = slope + partial_t
+    if partial_y is not None:
+        slope = slope + (partial_y * f_star).sum()
+    g_star = torch.as_tensor(event_fn(t_star.detach(), y_star)).reshape(-1)[which]
+    ratio = g_star / slope if bool(slope != 0) else g_star * 0
+    event_t = t_star.detach() - (ratio - ratio.detach())
+    return event_t, y_star + f_star * (event_t - t_star.detach())
+
+
+def odeint_event(func, y0, t0, *, event_fn, reverse_time: bool = False, odeint_interface=None, **kwargs):
+    """A drop-in for torchdiffeq.odeint_event: solve from t0 (backwards with reverse_time) until
+    event_fn(t, y) crosses zero; returns (event_t, solution at (t0, event_t)), both differentiable
+    (pybridge's own odeint already links the event time's gradient, by the implicit function theorem).
+    odeint_interface: pb.odeint (the default); pb.odeint_adjoint does not take event_fn."""
+    interface = odeint if odeint_interface is None else odeint_interface
+    t0 = torch.as_tensor(t0).reshape(-1)
+    t = torch.cat([t0, t0.detach() + (-1.0 if reverse_time else 1.0)])
+    return interface(func, y0, t, event_fn=event_fn, **kwargs)
 
 
 def _fixed_on_grid(func, y0, t, solver, rtol, atol, kwargs):
@@ -146,7 +220,7 @@ def _as_times(t, y0):
     return t
 
 
-def _odeint_tuple(func, y0s, t, rtol, atol, method, options, adjoint):
+def _odeint_tuple(func, y0s, t, rtol, atol, method, options, adjoint, event_fn=None):
     """torchdiffeq accepts a tuple state: pack it into one flat vector and unpack the result."""
     shapes = [y.shape for y in y0s]
     sizes = [y.numel() for y in y0s]
@@ -158,7 +232,10 @@ def _odeint_tuple(func, y0s, t, rtol, atol, method, options, adjoint):
     def flat_func(tt, flat):
         return torch.cat([d.reshape(-1) for d in func(tt, unpack(flat))])
 
-    ys = odeint(flat_func, flat0, _as_times(t, flat0), rtol=rtol, atol=atol, method=method,
-                options=options, _adjoint=adjoint)
-    return tuple(p.reshape((ys.shape[0],) + tuple(s)) for p, s in zip(torch.split(ys, sizes, dim=1), shapes))
+    flat_event = None if event_fn is None else (lambda tt, flat: event_fn(tt, unpack(flat)))
+    out = odeint(flat_func, flat0, _as_times(t, flat0), rtol=rtol, atol=atol, method=method,
+                 options=options, event_fn=flat_event, _adjoint=adjoint)
+    event_t, ys = out if event_fn is not None else (None, out)
+    split = tuple(p.reshape((ys.shape[0],) + tuple(s)) for p, s in zip(torch.split(ys, sizes, dim=1), shapes))
+    return split if event_fn is None else (event_t, split)
 

@@ -16,7 +16,13 @@ class ReturnCode(enum.IntEnum):
     DtLessThanMin = 2
     Unstable = 3
     ConvergenceFailure = 4
+    Terminated = 5   # stopped by its event (solve(..., event=...)): a success
     Running = 9  # internal: never returned by a finished solve
+
+
+def succeeded(retcode: torch.Tensor) -> torch.Tensor:
+    """Per sample: finished (Success) or stopped by its event (Terminated)."""
+    return (retcode == ReturnCode.Success) | (retcode == ReturnCode.Terminated)
 
 
 OPTIONAL_COUNTERS = ("njac", "nlu", "nsolve", "nnonliniter", "nnonlinconvfail")
@@ -78,16 +84,20 @@ class Solution:
     """What `pybridge.solve` returns, on either engine.
 
     ys       values at the requested times, time first: (T, *y0.shape). With per-sample times
-             t of shape (B, T), ys[j, b] is sample b at t[b, j]. After a sample fails, its later
-             values are NaN; its earlier ones are kept.
+             t of shape (B, T), ys[j, b] is sample b at t[b, j]. After a sample fails, or after
+             its event, its later values are NaN; its earlier ones are kept.
     ts       the requested times, as given.
     stats    per-sample Stats.
     retcode  per-sample ReturnCode values as an integer tensor of the batch shape
-             (compare with `pb.ReturnCode.Success`); `success` is True when all succeeded.
+             (compare with `pb.ReturnCode.Success`); `success` is True when all succeeded
+             (Success, or Terminated: stopped by the event).
     trace    per-sample, per-accepted-step Trace (differentiable eest and stiffness).
     sol(t)   the method's own interpolant, when solved with dense=True: t of shape (Tq,) or
              (B, Tq) → values (Tq, *y0.shape).
     local_regularizer  0-d tensor when solve(..., local_regularizer=...) was asked, else None.
+    event_t, event_y   with solve(..., event=g): where each sample's g crossed zero (batch shape)
+             and its state there (*y0.shape); NaN for samples whose g did not cross. Both are
+             differentiable (the implicit function theorem at the crossing). Otherwise None.
     Plots: `pybridge.plotting.plot_solution(sol)` (trajectories, step sizes, EEst).
     """
 
@@ -112,10 +122,12 @@ class Solution:
         self.batched = batched
         self.local_regularizer = local_regularizer
         self.extras = extras or {}
+        self.event_t: Optional[torch.Tensor] = None
+        self.event_y: Optional[torch.Tensor] = None
 
     @property
     def success(self) -> bool:
-        return bool((self.retcode == ReturnCode.Success).all())
+        return bool(succeeded(self.retcode).all())
 
     @property
     def retcodes(self) -> list:

@@ -6,13 +6,13 @@ import math
 import numbers
 import operator
 import warnings
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
 from .problem import ODEProblem
 from .sde_problem import SDEProblem
-from .solution import ReturnCode, Solution
+from .solution import ReturnCode, Solution, succeeded
 from .adjoint import Adjoint, DiscreteAdjoint
 from .regularization import parse_local_regularizer
 from .solvers import SOSRI, Solver, Tsit5
@@ -33,7 +33,8 @@ def solve(prob: ODEProblem, solver: Optional[Solver] = None, *, engine: str = "t
           raise_on_failure: bool = False, adjoint: Optional[Adjoint] = None,
           adjoint_params: Optional[Sequence[torch.Tensor]] = None,
           local_regularizer: Optional[str] = None, seed: Optional[int] = None,
-          progress: bool = False, brownian=None, compile: bool = False) -> Solution:
+          progress: bool = False, brownian=None, compile: bool = False,
+          event: Optional[Callable] = None, event_direction: int = 0) -> Solution:
     """Solve `prob` with `solver` (default Tsit5()) and return a Solution (see its docstring).
 
     Shapes: prob.y0 is one sample (*shape) or a batch (B, *shape); prob.t is (T,) or (B, T).
@@ -64,6 +65,13 @@ def solve(prob: ODEProblem, solver: Optional[Solver] = None, *, engine: str = "t
     Brownian increments are drawn eagerly just before it). Pays off on small problems, where
     dispatching a few hundred small ops per step costs more than the arithmetic; the first solve
     of each shape compiles (seconds to a minute).
+    event: a terminal event g(t, y) -> (B,) or (B, m) (for one sample () or (m,)); t has shape (B,)
+    for a batched problem in either batch mode (each sample's crossing is at its own time). A
+    sample stops where a component of its g first crosses zero (event_direction 0: either way,
+    1: upwards, -1: downwards; a component exactly at zero must leave it first), with retcode
+    Terminated (a success); `sol.event_t` and `sol.event_y` give the crossing, located on the
+    method's interpolant to the dtype's precision and differentiable, and its later save points are
+    NaN. ODEs on the torch engine, with DiscreteAdjoint.
     """
     is_sde = isinstance(prob, SDEProblem)
     if solver is None:
@@ -132,6 +140,7 @@ def solve(prob: ODEProblem, solver: Optional[Solver] = None, *, engine: str = "t
             # (the extra step differentiates the torch module's stages; the Julia engine does not take it)
             raise ValueError(f"local_regularizer is available on the torch engine only; got engine={engine!r}")
     local = dict(local_regularizer=local_regularizer, seed=seed) if local_regularizer else {}
+    _check_event(event, event_direction, is_sde, engine, adjoint, local_regularizer)
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be True or False; got {compile!r}")
     if compile and engine != "torch":
@@ -167,7 +176,8 @@ def solve(prob: ODEProblem, solver: Optional[Solver] = None, *, engine: str = "t
                              "pass adaptive=False with dt=...")
         with bar:
             if isinstance(adjoint, DiscreteAdjoint):
-                sol = solve_ode(prob, solver, differentiable_dt=differentiable_dt, **torch_options, **local)
+                sol = solve_ode(prob, solver, differentiable_dt=differentiable_dt, event=event,
+                                event_direction=event_direction, **torch_options, **local)
             else:
                 sol = adjoint.solve(prob, solver, adjoint_params, dict(torch_options, **local))
     _report_failures(sol, raise_on_failure)
@@ -211,6 +221,25 @@ def _as_number(x):
     return float(x) if isinstance(x, numbers.Real) else x
 
 
+def _check_event(event, direction, is_sde, engine, adjoint, local_regularizer):
+    if event is None:
+        return
+    if not callable(event):
+        raise TypeError(f"event must be callable event(t, y) -> tensor, or None; got {type(event).__name__}")
+    if isinstance(direction, bool) or direction not in (-1, 0, 1):
+        raise ValueError(f"event_direction must be 0 (either way), 1 (upwards) or -1 (downwards); got {direction!r}")
+    if is_sde:
+        raise ValueError("event= is available for ODEProblems only")
+    if engine != "torch":
+        raise ValueError(f"event= is available on the torch engine only; got engine={engine!r}")
+    if not isinstance(adjoint, DiscreteAdjoint):
+        raise ValueError(f"event= needs gradients by backpropagation through the solve (DiscreteAdjoint); "
+                         f"got adjoint={adjoint!r}")
+    if local_regularizer is not None:
+        raise ValueError("event= and local_regularizer= cannot be combined (the regularizer's random time "
+                         "may lie past a sample's event)")
+
+
 def _check_tolerance(name, tol, prob):
     if isinstance(tol, torch.Tensor):
         if not tol.is_floating_point():
@@ -236,7 +265,7 @@ def _check_tolerance(name, tol, prob):
 
 def _report_failures(sol: Solution, raise_on_failure: bool):
     codes = sol.retcode.reshape(-1)
-    failed = (codes != ReturnCode.Success).nonzero().flatten().tolist()
+    failed = (~succeeded(codes)).nonzero().flatten().tolist()
     if not failed:
         return
     t_final = sol.extras.get("t_final")

@@ -64,6 +64,26 @@ def test_lockstep_stops_a_diverging_sample_and_finishes_the_others():
     assert torch.allclose(sol.ys[-1, 1:, 0], torch.exp(torch.tensor(-1.0, dtype=torch.float64)), rtol=1e-3)
 
 
+@pytest.mark.parametrize("solver", [pb.Tsit5(), pb.Vern7(), pb.Rodas5P(), pb.RK4()],
+                         ids=["Tsit5", "Vern7", "Rodas5P", "RK4-fixed"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_lockstep_keeps_the_time_of_the_running_samples_after_sample_0_stops(solver, grad):
+    """f received τ[0] as the batch's time: once sample 0 stopped, the others were solved with f at
+    the time it stopped at (y = sin t came out 1.99 instead of 0.14 at t = 3)."""
+    def f(t, y):   # y' = cos t; sample 0's f is NaN after t = 1 (it stops Unstable there)
+        tt = t.expand(y.shape[0]) if t.dim() == 0 else t
+        out = torch.cos(tt)[:, None].expand_as(y)
+        return torch.where((torch.arange(y.shape[0]) == 0)[:, None] & (tt[:, None] > 1), torch.nan, out)
+    t = torch.linspace(0, 3, 4, dtype=torch.float64)
+    kw = dict(dt=0.01) if not solver.adaptive else {}
+    with torch.set_grad_enabled(grad), pytest.warns(RuntimeWarning, match="sample 0: Unstable"):
+        sol = pb.solve(pb.ODEProblem(f, torch.zeros(3, 1, dtype=torch.float64), t), solver, rtol=1e-8,
+                       atol=1e-10, batch="lockstep", **kw)
+    assert sol.retcode.tolist() == [RC.Unstable, RC.Success, RC.Success]
+    tol = 1e-6 if solver.adaptive else 1e-8
+    torch.testing.assert_close(sol.ys[:, 1:, 0], torch.sin(t)[:, None].expand(4, 2), rtol=0, atol=tol)
+
+
 @pytest.mark.parametrize("solver", [pb.Tsit5(), pb.Vern7()], ids=lambda s: s.name)
 def test_lockstep_sample_whose_f_is_nan_at_y0_changes_nothing_for_the_others(solver):
     """Its NaN left the lockstep initial-step norms NaN (the batch started at the fallback 1e-6 and,

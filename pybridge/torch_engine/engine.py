@@ -11,7 +11,7 @@ from .explicit_rk import ExplicitRK
 from .explicit_tableaus import EXPLICIT_TABLEAUS
 from .controller import Norm
 from .loop import LoopOptions, integrate
-from . import linear_solve
+from . import events, linear_solve
 from .rosenbrock import Rosenbrock
 from .rosenbrock_tableaus import ROSENBROCK_TABLEAUS
 from .esdirk import ESDIRK
@@ -51,6 +51,11 @@ def _construct_method(family, name, dtype, device, stiff):
     raise ValueError(f"solver {name}() has no torch-engine implementation (family {family!r})")
 
 
+def lead_time(tau):
+    """The running samples' common τ in lockstep (see RightHandSide.time_arg), 0-d."""
+    return tau[0] if tau.shape[0] == 1 else tau.amax()
+
+
 class RightHandSide:
     """f in the loop's terms: τ = direction·t, states flattened to (B, n); checks f's first output."""
 
@@ -66,9 +71,18 @@ class RightHandSide:
         # The user's Jacobian describes prob.f only (not, e.g., an adjoint's augmented system).
         self.user_jac = prob.jac if f is prob.f else None
 
+    def time_arg(self, tau):
+        """The t that f receives for the loop's τ (B,): per sample, or one 0-d time (lockstep, one
+        sample). Running samples share τ in lockstep; one that stopped (failed, or ended by an event)
+        keeps the earlier τ it stopped at, so the latest τ is theirs (τ[0] went stale once sample 0
+        stopped, and the others were then solved with f at its time)."""
+        if not self.scalar_time:
+            return tau * self.direction if self.flip else tau
+        lead = lead_time(tau)
+        return lead * self.direction[0] if self.flip else lead
+
     def __call__(self, tau, y):
-        t = tau * self.direction if self.flip else tau
-        t_arg = t[0] if self.scalar_time else t
+        t_arg = self.time_arg(tau)
         # (reshape only when needed: on small problems every dispatched op costs as much as its work)
         out = self.f(t_arg, y if y.shape == self.shape else y.reshape(self.shape))
         if not self.checked:
@@ -82,8 +96,7 @@ class RightHandSide:
         """∂(rhs)/∂y as (B, n, n) from the user's jac(t, y), or None (the method then uses AD)."""
         if self.user_jac is None:
             return None
-        t = tau * self.direction if self.flip else tau
-        J = self.user_jac(t[0] if self.scalar_time else t, y.reshape(self.shape))
+        J = self.user_jac(self.time_arg(tau), y.reshape(self.shape))
         if not isinstance(J, torch.Tensor) or J.numel() != y.shape[0] * y.shape[1] ** 2:
             raise ValueError(f"jac must return a tensor of shape ({y.shape[0]}, {y.shape[1]}, {y.shape[1]}) "
                              f"(B, n, n); got {getattr(J, 'shape', type(J).__name__)}")
@@ -103,7 +116,8 @@ def check_output(out, y0, shape):
 
 
 def solve_ode(prob, solver, *, rtol, atol, dt, adaptive, dtmin, dtmax, max_steps, dense, lockstep,
-              differentiable_dt, f=None, local_regularizer=None, seed=None, compile=False):
+              differentiable_dt, f=None, local_regularizer=None, seed=None, compile=False, event=None,
+              event_direction=0):
     y0 = prob.y0
     B = prob.batch_size
     n = y0.numel() // B
@@ -122,7 +136,7 @@ def solve_ode(prob, solver, *, rtol, atol, dt, adaptive, dtmin, dtmax, max_steps
     opts = LoopOptions(adaptive=adaptive, dt=dt, dtmin=dtmin, dtmax=dtmax, max_steps=max_steps,
                        lockstep=lockstep, dense=dense, differentiable_dt=differentiable_dt,
                        stop_at_saves=stop_at_saves, controller=getattr(method, "controller", None),
-                       compile=compile)
+                       compile=compile, event=events.watch(event, event_direction, prob, direction))
     if local_regularizer is not None:
         time_kind, detach_k1 = parse_local_regularizer(local_regularizer)
         opts.probe = _probe(time_kind, seed, tau_save, lockstep)
@@ -194,6 +208,10 @@ def _to_solution(res, prob, solver, method, direction, rhs=None):
                    interpolant=interpolant, solver=solver, batched=prob.batched)
     sol.extras["t_final"] = unbatch(res.tau * direction)
     sol.extras["dt_final"] = unbatch(res.dt)
+    if res.event is not None:
+        tau_evt, y_evt, found = res.event
+        sol.event_t = unbatch(tau_evt * direction)
+        sol.event_y = unbatch(y_evt.reshape(prob.y0.shape if prob.batched else (1,) + tuple(prob.y0.shape)))
     return sol
 
 

@@ -47,7 +47,7 @@ class StepGrid(NamedTuple):
 
 def grid_for(method, tau_save: torch.Tensor, opts) -> Optional[StepGrid]:
     """The step sequence of a fixed-step solve, or None where the general loop is needed."""
-    if (opts.adaptive or opts.dense or opts.probe is not None or opts.differentiable_dt
+    if (opts.adaptive or opts.dense or opts.probe is not None or opts.differentiable_dt or opts.event is not None
             or not getattr(method, "plain_steps", False) or tau_save.dtype not in HOST_DTYPES
             or not isinstance(opts.dt, (int, float)) or tau_save.requires_grad):
         return None                       # (the grid is host numbers: no gradient to the times)

@@ -36,6 +36,7 @@ from .controller import (Norm, PIController, constant, error_norm, initial_step,
                          step_floor)
 
 RUNNING = int(ReturnCode.Running)
+TERMINATED = int(ReturnCode.Terminated)
 
 
 @dataclass
@@ -56,6 +57,7 @@ class LoopOptions:
     # sampling; draws = 1 in lockstep: one pick for the batch, B otherwise).
     probe: Optional[tuple] = None
     compile: bool = False               # run each iteration's tensor work as one torch.compile'd graph
+    event: Optional[object] = None      # events.EventWatch: samples stop where their event function crosses 0
 
 
 @dataclass
@@ -72,6 +74,7 @@ class LoopResult:
     probe: Optional[tuple] = None       # (tau_reg, y_reg) for local regularization, detached
     counters: Optional[dict] = None     # extra per-sample counts a method reports (njac, nlu, ...)
     y_end: Optional[torch.Tensor] = None  # (B, n) each sample's last state (a failed one's last finite)
+    event: Optional[tuple] = None       # (τ_event (B,), y_event (B, n), found (B,)), with opts.event
 
 
 class Iteration(NamedTuple):
@@ -462,6 +465,9 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
     # do not trace: a compiled loop draws them eagerly for the step it is about to take.
     draw_outside = opts.compile and hasattr(method, "increments")
 
+    events = opts.event
+    if events is not None:
+        events.start(tau, y)
     active = status == RUNNING
     while True:
         n_iter += 1
@@ -473,6 +479,10 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
                 noise = method.increments(tau, h_next if frozen is None else torch.where(frozen, 0.0, h_next))
             it = advance(tau, y, dt, k1, errold, status, active, next_save, noise, frozen)
             it_status, running = it.status, it.running
+            if events is not None:   # (a sample whose step crossed its event stops there)
+                crossed, g_new = events.crossed(it.tau_new, it.y_new, it.accept)
+                it_status = torch.where(crossed, TERMINATED, it_status)
+                running = it_status == RUNNING
             if n_iter >= opts.max_steps:
                 # A sample still running has been active in every iteration: its iters = n_iter.
                 it_status = torch.where(running, max_iters, it_status)
@@ -492,6 +502,8 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
                 if on_progress is not None:  # solve(progress=True): the slowest running sample's covered fraction
                     covered_frac = torch.where(running, (tau_new - tau_save[:, 0]) / span, torch.ones_like(span))
                     flags.append((covered_frac.min() * PROGRESS_SCALE).long())
+                if events is not None:
+                    flags.append(crossed.any())
                 if it.blew_up is not None:
                     flags.append(it.blew_up.any())
                 values = (torch.stack([x.long() for x in flags]).tolist() if len(flags) > 1 else [bool(flags[0])])
@@ -501,6 +513,9 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
                 continue
             break
         step, status = it.step, it_status
+        if events is not None:
+            _keep_event_step(events, values.pop(), crossed, g_new, method, rhs, tau, it.h, y, step, it.f_end,
+                             lazy, lazy_evals)
         still_running, *rest = values
         actives.append(active)
         step_nfes.append(step.nfe)
@@ -594,10 +609,30 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
         probe_tau, probe_y = _interpolate_probe(method, rhs, opts.probe[1], probe_step, probe_tau, probe_y)
     ys = (end_saves(y0, y, status == int(ReturnCode.Success)) if end_only
           else plain.saved() if inline_saves else _assemble_saves(y0, saved_vals, saved_idx, T))
+    event = None
+    if events is not None:
+        from .events import after_event
+        event = events.locate(method, B, dtype, device)
+        tau_evt, _, found = event
+        ys = torch.where(after_event(tau_save, tau_evt, found)[..., None], math.nan, ys)
+        tau = torch.where(found, tau_evt.detach(), tau)   # (where the solution ends: sol(t) is NaN after)
     return LoopResult(ys=ys, status=status, nfe=nfe, naccept=naccept, nreject=iters - naccept, counters=counters,
                       trace=_compact(trace, "accept"),
                       dense=_compact(dense, None, trace["accept"]) if dense else None, tau=tau, dt=dt,
-                      probe=(probe_tau, probe_y) if opts.probe is not None else None, y_end=y)
+                      probe=(probe_tau, probe_y) if opts.probe is not None else None, y_end=y, event=event)
+
+
+def _keep_event_step(events, any_crossed, crossed, g_new, method, rhs, tau, h, y, step, f_end, lazy, lazy_evals):
+    """Hand the crossing samples' step to the event watch (only in iterations where one crossed).
+    An interpolant's lazy stages are evaluated now, at this iteration's times (in lockstep f gets
+    one time for the batch, which after the loop would no longer be the crossing samples')."""
+    if not any_crossed:
+        return events.keep(None, g_new, None)
+    ks = step.ks
+    if lazy:
+        ks = method.extend_stages(rhs, tau, y, h, ks, use=crossed)
+        lazy_evals.append(crossed.long() * lazy)
+    events.keep(crossed, g_new, (tau, h, y, ks, step.y1, f_end))
 
 
 def _count_while_active(active_steps, counts):

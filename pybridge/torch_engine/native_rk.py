@@ -84,9 +84,11 @@ def torch_loop_only():
 def usable(method, opts, y0: torch.Tensor, controller) -> bool:
     """Whether NativeAdvance can run this solve: an adaptive explicit RK method, eager (not compiled),
     nothing recording gradients (autograd or forward-mode), a plain CPU float32/float64 state, the
-    PI controller, steps not aimed at save points, no local-regularization probe, and the library."""
+    PI controller, steps not aimed at save points, no local-regularization probe, no event, and the
+    library."""
     return (not _torch_loop_only and type(method) is ExplicitRK and method.adaptive and opts.adaptive and not opts.compile
-            and not opts.stop_at_saves and opts.probe is None and type(controller) is PIController
+            and not opts.stop_at_saves and opts.probe is None and opts.event is None
+            and type(controller) is PIController
             and not torch.is_grad_enabled() and forward_ad._current_level < 0
             and type(y0) is torch.Tensor and y0.device.type == "cpu" and y0.dtype in _SCALAR
             and not torch._C._functorch.is_functorch_wrapped_tensor(y0)

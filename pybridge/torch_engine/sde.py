@@ -21,7 +21,8 @@ import torch
 from ..regularization import parse_local_regularizer
 from .brownian import VirtualBrownianTree
 from .controller import Norm, PIController, step_floor
-from .engine import RightHandSide, _per_component, _probe, _to_solution, attach_local_regularizer, check_output
+from .engine import (RightHandSide, _per_component, _probe, _to_solution, attach_local_regularizer, check_output,
+                     lead_time)
 from .loop import LoopOptions, integrate
 from .sde_tableaus import SRA_TABLEAUS, SRI_TABLEAUS
 
@@ -83,7 +84,7 @@ class Diffusion:
                           "mode, also triggers this)", RuntimeWarning, stacklevel=6)
 
     def __call__(self, tau, y):
-        out = self.g(tau[0] if self.scalar_time else tau, y.reshape(self.shape))
+        out = self.g(lead_time(tau) if self.scalar_time else tau, y.reshape(self.shape))
         if self.mode == "matrix":
             return out.reshape(y.shape[0], y.shape[1], self.m)
         return out.reshape(y.shape)
