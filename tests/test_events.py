@@ -263,3 +263,17 @@ def test_odeint_event_gradients_through_either_interface(interface):
     assert abs(float(event_t) - t_star) < 1e-9
     assert abs(float(h0.grad) - (1 - G) / math.sqrt(2 * G * drop_h)) < 1e-8
     assert abs(float(ball.g.grad) - (-0.5 * t_star / G - math.sqrt(drop_h / (2 * G)))) < 1e-8
+
+
+def test_training_a_rate_to_hit_a_target_event_time():
+    """y' = −k y from y0 = 1 reaches 1/2 at ln 2 / k: gradient descent on (t* − 1)² finds k = ln 2."""
+    k = torch.nn.Parameter(torch.tensor(3.0, dtype=D))
+    opt = torch.optim.Adam([k], lr=0.1)
+    prob = pb.ODEProblem(lambda t, y: -k * y, torch.ones(4, 1, dtype=D), torch.tensor([0.0, 10.0], dtype=D))
+    for _ in range(120):
+        opt.zero_grad()
+        sol = pb.solve(prob, pb.Tsit5(), rtol=1e-8, atol=1e-10, event=lambda t, y: y[:, 0] - 0.5)
+        loss = (sol.event_t - 1.0).square().mean()
+        loss.backward()
+        opt.step()
+    assert abs(float(k) - math.log(2)) < 1e-3
