@@ -112,6 +112,61 @@ def test_gradcheck_through_the_event():
     assert torch.autograd.gradcheck(event_of, args)
 
 
+@pytest.mark.parametrize("solver", [pb.Tsit5(), pb.Vern7()], ids=repr)
+def test_gradients_with_respect_to_the_start_time_and_through_differentiable_dt(solver):
+    """Autonomous: moving t0 moves the event by as much (d t*/d t0 = 1, the state there unchanged);
+    with differentiable_dt the step sizes carry gradients, and the event's must stay exact."""
+    h0 = torch.tensor([1.0, 2.0], dtype=D, requires_grad=True)
+    t = torch.tensor([0.5, 3.0], dtype=D, requires_grad=True)
+    sol = pb.solve(pb.ODEProblem(fall, drop(h0), t), solver, rtol=1e-9, atol=1e-11,
+                   event=lambda t, y: y[:, 0], differentiable_dt=True)
+    d_t, d_h0 = torch.autograd.grad(sol.event_t.sum(), (t, h0), retain_graph=True)
+    torch.testing.assert_close(d_t, torch.tensor([2.0, 0.0], dtype=D), rtol=0, atol=1e-9)
+    torch.testing.assert_close(d_h0, 1 / torch.sqrt(2 * G * h0.detach()), rtol=1e-9, atol=0)
+    d_t, = torch.autograd.grad(sol.event_y.sum(), t)
+    torch.testing.assert_close(d_t, torch.zeros(2, dtype=D), rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("solver", [pb.Tsit5(), pb.Vern7(), pb.Rodas5P()], ids=repr)
+def test_a_nan_in_another_sample_stays_out_of_the_shared_gradients(solver):
+    """Sample 1 never fires: its g is NaN (a √ of a negative), or its f turns NaN (it fails). Sample
+    0's event time must keep its exact gradient in k, shared by both."""
+    k = torch.tensor(1.0, dtype=D, requires_grad=True)
+    t = torch.tensor([0.0, 2.0], dtype=D)
+    exact = math.log(0.7) / k.detach() ** 2      # y = e^(−kt) reaches 0.7 at t* = −ln 0.7 / k
+
+    def f_nan_late(t, y):   # sample 1 fails at t > 0.1, before sample 0's event
+        return torch.where((torch.arange(2) == 1)[:, None] & (t[:, None] > 0.1), torch.nan, -k * y)
+    cases = [(lambda t, y: -k * y, lambda t, y: torch.sqrt(y[:, 0] - torch.tensor([0.0, 5.0], dtype=D)) - 0.7 ** 0.5),
+             (f_nan_late, lambda t, y: y[:, 0] - 0.7)]
+    for f, event in cases:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            sol = pb.solve(pb.ODEProblem(f, torch.ones(2, 1, dtype=D), t), solver, rtol=1e-10, atol=1e-12,
+                           event=event)
+        assert int(sol.retcode[0]) == RC.Terminated
+        dk, = torch.autograd.grad(sol.event_t[0], k)
+        torch.testing.assert_close(dk, exact, rtol=1e-6, atol=0)
+
+
+def test_edge_events_at_the_end_infinite_and_turning_nan():
+    one = torch.ones(1, 1, dtype=D)
+    # an event exactly at the end time keeps the end's value (T = 2 takes the end-only path)
+    for T in (2, 3):
+        sol = pb.solve(pb.ODEProblem(lambda t, y: torch.ones_like(y), 0 * one, torch.linspace(0, 1, T, dtype=D)),
+                       pb.Tsit5(), event=lambda t, y: t - 1)
+        assert int(sol.retcode[0]) == RC.Terminated and abs(float(sol.ys[-1, 0, 0]) - 1) < 1e-12
+    # g jumping to ±inf at the crossing: located, finite, gradient-free
+    y0 = one.clone().requires_grad_(True)
+    sol = pb.solve(pb.ODEProblem(lambda t, y: -y, y0, torch.tensor([0.0, 2.0], dtype=D)), pb.Tsit5(), rtol=1e-9,
+                   atol=1e-11, event=lambda t, y: torch.sign(y[:, 0] - 0.7) * torch.inf)
+    assert abs(float(sol.event_t[0]) + math.log(0.7)) < 1e-8 and torch.isfinite(sol.event_y).all()
+    # g that turns NaN past the surface (√height) fires where it does, as torchdiffeq's sign test
+    sol = pb.solve(pb.ODEProblem(fall, drop(torch.tensor([2.0], dtype=D)), torch.tensor([0.0, 2.0], dtype=D)),
+                   pb.Tsit5(), rtol=1e-9, atol=1e-11, event=lambda t, y: torch.sqrt(y[:, 0]))
+    torch.testing.assert_close(sol.event_t, landing(torch.tensor([2.0], dtype=D)), rtol=0, atol=1e-9)
+
+
 def test_backwards_in_time_and_per_sample_times():
     """Backwards from t = 0: height 1 + ... reaches 0 at −t*; per-sample spans."""
     h0 = torch.tensor([1.0, 3.0], dtype=D)
@@ -182,7 +237,8 @@ EVENT = lambda t, y: y[:, 0]  # noqa: E731
     (dict(event=EVENT, local_regularizer="unbiased"), ValueError, "cannot be combined"),
     (dict(event=lambda t, y: y[:1, 0]), ValueError, r"event returned shape \(1,\); expected \(B,\) or \(B, m\) with B = 2"),
     (dict(event=lambda t, y: float(y[0, 0])), TypeError, "event must return a torch.Tensor"),
-    (dict(event=lambda t, y: (y[:, 0] > 0).long()), TypeError, "event must return a floating-point tensor"),
+    (dict(event=lambda t, y: (y[:, 0] > 0).long()), TypeError, "event returned dtype torch.int64; expected torch.float64"),
+    (dict(event=lambda t, y: y[:, 0].float()), TypeError, "event returned dtype torch.float32; expected torch.float64"),
 ])
 def test_bad_event_arguments(kwargs, exc, message):
     prob = pb.ODEProblem(fall, drop(torch.tensor([1.0, 2.0], dtype=D)), torch.tensor([0.0, 2.0], dtype=D))

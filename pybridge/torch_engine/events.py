@@ -46,8 +46,8 @@ class EventWatch:
         B = self.shape[0] if self.batched else 1
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"event must return a torch.Tensor; got {type(out).__name__}")
-        if not out.is_floating_point():
-            raise TypeError(f"event must return a floating-point tensor; got dtype {out.dtype}")
+        if out.dtype != self.y0.dtype:
+            raise TypeError(f"event returned dtype {out.dtype}; expected {self.y0.dtype} (the dtype of y0)")
         if out.device != self.y0.device:
             raise ValueError(f"event returned a tensor on {out.device}; expected {self.y0.device} (y0's device)")
         if out.numel() == 0 or (self.batched and (out.dim() == 0 or out.shape[0] != B)):
@@ -64,7 +64,9 @@ class EventWatch:
         direction asked. A component at zero before does not count: it must leave zero first."""
         up = (before < 0) & (after >= 0)
         down = (before > 0) & (after <= 0)
-        return up | down if self.direction == 0 else up if self.direction > 0 else down
+        if self.direction == 0:   # (also a value that turns NaN, e.g. √height below the ground, as torchdiffeq)
+            return up | down | ((before != 0) & torch.isfinite(before) & torch.isnan(after))
+        return up if self.direction > 0 else down
 
     def crossed(self, tau_new, y_new, accept):
         """(crossed (B,), g after): samples whose accepted step crossed. Rejected and stopped samples
@@ -102,32 +104,41 @@ class EventWatch:
         return tau_evt, y_evt, found
 
     def _locate_group(self, method, found, tau, h, y0, ks, y1, f1, g_before, g_after):
+        # Rows without a crossing step here sit still at their (finite, detached) state: whatever g
+        # or the interpolant does there cannot reach the gradients of what the samples share.
+        col = lambda x: found.view((-1,) + (1,) * (x.dim() - 1))  # noqa: E731
+        tau, h = torch.where(found, tau, tau.detach()), torch.where(found, h, 0.0)
+        y0 = torch.where(col(y0), y0, y0.detach())
+        ks, f1 = torch.where(col(ks), ks, 0.0), torch.where(col(f1), f1, 0.0)
+        y1 = torch.where(col(y1), y1, y0.detach())
         y_at = lambda th: method.interpolate(y0, h, ks, y1, f1, th[:, None])[:, 0]  # noqa: E731
-        one = torch.ones_like(h)
-        safe_h = torch.where(found, h, one)
         eligible = found[:, None] & self._crossing(g_before, g_after)
         with torch.no_grad():
             # Bisection in θ for the first θ where some eligible component has crossed: after k halvings
             # the crossing is known to 2^-k of the step, past the dtype's resolution here.
-            lo, hi = torch.zeros_like(h), one.clone()
+            lo, hi = torch.zeros_like(h), torch.ones_like(h)
             for _ in range(int(-math.log2(torch.finfo(h.dtype).eps)) + 2):
                 mid = 0.5 * (lo + hi)
                 g_mid = self(tau + mid * h, y_at(mid))
                 over = (eligible & self._crossing(g_before, g_mid)).any(1)
                 hi, lo = torch.where(over, mid, hi), torch.where(over, lo, mid)
-            theta = hi.detach()         # the first bisection point on the far side (g changed sign there)
+            theta = hi                  # the first bisection point on the far side (g changed sign there)
             g_hi = self(tau + theta * h, y_at(theta))
             which = (eligible & self._crossing(g_before, g_hi)).long().argmax(1, keepdim=True)
-        tau_star = (tau + theta * h).detach()
+        # τ* stays in the graph of the step's start and size (t0, or h with differentiable_dt), at a
+        # fixed θ; so does the state there.
+        tau_star = tau + theta * h
         y_star = y_at(theta)
         if not torch.is_grad_enabled():
             return found, tau_star, y_star
-        # Implicit function theorem: the value stays τ*, its gradient is −(dg/dp)/(dg/dτ).
+        # Implicit function theorem at the root g(τ, y(τ)) = 0: the value stays τ*, and the
+        # gradient becomes −(dg/dp at fixed τ)/(dg/dτ) (where both are finite and the slope is not 0).
         g_star = self(tau_star, y_star).gather(1, which)[:, 0]
-        slope = self._slope(y_at, tau, safe_h, theta, tau_star, y_star, which)
-        ratio = torch.where(slope != 0, g_star / torch.where(slope != 0, slope, 1.0), 0.0)
+        slope = self._slope(y_at, tau, torch.where(found, h, 1.0), theta, tau_star, y_star, which)
+        ok = found & (slope != 0) & torch.isfinite(slope) & torch.isfinite(g_star.detach())
+        ratio = torch.where(ok, g_star / torch.where(ok, slope, 1.0), 0.0)
         tau_evt = tau_star - (ratio - ratio.detach())
-        return found, tau_evt, y_at((tau_evt - tau) / safe_h)
+        return found, tau_evt, y_at(theta + (tau_evt - tau_star) / torch.where(found, h, 1.0))
 
     def _slope(self, y_at, tau, h, theta, tau_star, y_star, which):
         """dg/dτ along the trajectory at τ*, detached: ∂g/∂τ + ∂g/∂y · dy/dτ, with dy/dτ the

@@ -31,7 +31,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from ..progress import SCALE as PROGRESS_SCALE, current_hook as progress_hook
-from ..solution import ReturnCode
+from ..solution import ReturnCode, succeeded
 from .controller import (Norm, PIController, constant, error_norm, initial_step, rows_both_finite, rows_finite,
                          step_floor)
 
@@ -607,7 +607,7 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
         nfe = nfe + torch.stack(lazy_evals).sum(0)
     if probe_step is not None:
         probe_tau, probe_y = _interpolate_probe(method, rhs, opts.probe[1], probe_step, probe_tau, probe_y)
-    ys = (end_saves(y0, y, status == int(ReturnCode.Success)) if end_only
+    ys = (end_saves(y0, y, succeeded(status)) if end_only
           else plain.saved() if inline_saves else _assemble_saves(y0, saved_vals, saved_idx, T))
     event = None
     if events is not None:
