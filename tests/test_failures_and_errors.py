@@ -100,6 +100,27 @@ def test_lockstep_sample_whose_f_is_nan_at_y0_changes_nothing_for_the_others(sol
     assert float(alone.trace.stiffness[0, 0]) > 0.5
 
 
+@pytest.mark.parametrize("kw", [dict(solver=pb.Tsit5()), dict(solver=pb.Vern7()), dict(solver=pb.Rodas5P()),
+                                dict(solver=pb.Tsit5(), compile=True)], ids=["Tsit5", "Vern7", "Rodas5P", "compiled"])
+def test_lockstep_sample_whose_f_turns_nan_later_leaves_shared_gradients_exact(kw):
+    """In lockstep f gets the running samples' time, where a stopped sample's f may be NaN: 0·NaN in
+    its masked-out rows made the shared parameter's gradient NaN. It must equal independent mode's."""
+    k = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+
+    def f(t, y):   # sample 1's f is NaN after t = 0.3 (it stops Unstable)
+        tt = t.reshape(-1, 1)
+        return torch.where((torch.arange(2)[:, None] == 1) & (tt > 0.3), torch.nan, -k * y)
+    t = torch.tensor([0.0, 0.2, 1.0, 3.0], dtype=torch.float64)
+    grads = []
+    for batch in ("lockstep", "independent"):
+        with pytest.warns(RuntimeWarning, match="sample 1: Unstable"):
+            sol = pb.solve(pb.ODEProblem(f, torch.ones(2, 1, dtype=torch.float64), t), rtol=1e-8, atol=1e-10,
+                           batch=batch, **kw)
+        grads.append(torch.autograd.grad(sol.ys[1:, 0, 0].sum(), k)[0])
+    assert torch.isfinite(grads[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(batch="lockstep"), dict(adaptive=False, dt=0.1),
                                 dict(solver=pb.Rodas5P())], ids=["independent", "lockstep", "fixed", "Rodas5P"])
 def test_a_sample_whose_f_is_nan_at_y0_leaves_shared_gradients_finite(kw):

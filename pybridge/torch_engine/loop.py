@@ -97,8 +97,8 @@ class Iteration(NamedTuple):
     stiffness: Optional[torch.Tensor]   # (B,) the stiffness estimate, or None when deferred ...
     stiffness_terms: Optional[tuple]    # ... to these terms (batched later, see _flush_stiffness)
     blew_up: Optional[torch.Tensor]     # (B,) active samples whose step is not finite (with guard_blowups)
-    flags: object                       # (any running, any blew up) or () any running: the loop reads it
-                                        # (a bool where the iteration ran in C: native_rk)
+    flags: object                       # any running[, all running (track_stopped)][, any blew up]: the
+                                        # loop reads it (a bool where the iteration ran in C: native_rk)
 
 
 def end_targets(tau_save):
@@ -131,6 +131,10 @@ class Advance:
         # Fixed steps cannot retry; in lockstep one dt serves everyone, so a diverging sample is
         # stopped rather than allowed to shrink the batch's step. Otherwise it retries smaller.
         self.stop_diverged = not opts.adaptive or opts.lockstep
+        # Lockstep with gradients: once a sample has stopped (set by the loop, from `flags`), f's
+        # rows of stopped samples are replaced by their last derivative (FrozenRows).
+        self.track_stopped = opts.lockstep and guard_blowups
+        self.some_stopped = False
 
     def aim(self, tau, dt, active, next_save):
         """(target, hit, h, end): the time each sample aims at, whether this step lands on it, the
@@ -174,13 +178,15 @@ class Advance:
         (rejected, EEst = inf), so that no non-finite value enters the autograd graph."""
         opts, method, code = self.opts, self.method, self.code
         target, hit, h, t_end = self.aim(tau, dt, active, next_save)
-        h_step, judged = h, active
+        h_step, judged, rhs = h, active, self.rhs
         if frozen is not None:  # (the controller still sees the step it would have taken)
             h_step, judged = torch.where(frozen, self.zero, h), active & ~frozen
+        if self.track_stopped and (self.some_stopped or frozen is not None):
+            rhs = FrozenRows(rhs, ~active if frozen is None else ~active | frozen, k1)
         if noise is None:
-            step = method.step(self.rhs, tau, y, h_step, k1)
+            step = method.step(rhs, tau, y, h_step, k1)
         else:
-            step = method.step(self.rhs, tau, y, h_step, k1, noise)
+            step = method.step(rhs, tau, y, h_step, k1, noise)
 
         # The step's end time, and f there: the next step starts from (y1, f(t1, y1)), so both must be
         # finite for the step to count (with h = 0, a stopped or frozen sample's stage y + 0·f would
@@ -189,7 +195,7 @@ class Advance:
         f_end = method.end_derivative(step)
         evaluated_end = f_end is None
         if evaluated_end:
-            f_end = self.rhs(t_end if frozen is None else torch.where(frozen, tau, t_end), step.y1)
+            f_end = rhs(t_end if frozen is None else torch.where(frozen, tau, t_end), step.y1)
         # (Also where the last stage is in the error estimate, which it makes infinite: with
         # gradients, that infinite stage must not stay in the graph either.)
         finite_y1 = rows_both_finite(step.y1, f_end)
@@ -248,9 +254,30 @@ class Advance:
         running = status == RUNNING
         # What the loop reads from the device after the iteration, reduced here: inside a compiled
         # graph the reductions cost no separate (eager) op calls.
-        flags = running.any() if blew_up is None else torch.stack([running.any(), blew_up.any()])
+        flags = [running.any()] + ([running.all()] if self.track_stopped else []) + \
+            ([blew_up.any()] if blew_up is not None else [])
+        flags = flags[0] if len(flags) == 1 else torch.stack(flags)
         return Iteration(tau_new, y_new, k1, dt, errold, status, running, step, h, eest, accept, hit, target,
                          f_end, extra_eval, stiff, stiff_terms, blew_up, flags)
+
+
+class FrozenRows:
+    """The right-hand side of a lockstep step that records gradients: f gets one time for the batch,
+    the running samples' stage time, at which a stopped or frozen sample's f need not be finite (its
+    time may be why it failed), and 0·NaN in its step y + 0·k, or in the backward pass of f through
+    its masked-out rows, would reach the gradients of what the samples share. Those rows get their
+    last derivative k1 instead, and their state enters f detached."""
+
+    def __init__(self, rhs, frozen, k1):
+        self.rhs, self.rows, self.k1 = rhs, frozen[:, None], k1
+
+    def __call__(self, tau, y):
+        return torch.where(self.rows, self.k1, self.rhs(tau, torch.where(self.rows, y.detach(), y)))
+
+    def jacobian(self, tau, y):
+        user_jac = getattr(self.rhs, "jacobian", None)
+        J = user_jac(tau, y) if user_jac is not None else None
+        return None if J is None else torch.where(self.rows[..., None], 0.0, J)
 
 
 def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, atol, rtol,
@@ -461,6 +488,9 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
     guard_blowups = torch.is_grad_enabled()
     plain = native or Advance(rhs, method, norm, controller, opts, atol, rtol, tau_save, dtmax, guard_blowups)
     advance = compiled(plain, device) if opts.compile else plain
+    track_stopped = getattr(plain, "track_stopped", False)
+    if track_stopped:
+        plain.some_stopped = failed_at_start is not None
     # An SDE step's Brownian increments come from host-side tree walks and look-ahead checks, which
     # do not trace: a compiled loop draws them eagerly for the step it is about to take.
     draw_outside = opts.compile and hasattr(method, "increments")
@@ -504,6 +534,8 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
                     flags.append((covered_frac.min() * PROGRESS_SCALE).long())
                 if events is not None:
                     flags.append(crossed.any())
+                if track_stopped:
+                    flags.append(running.all())
                 if it.blew_up is not None:
                     flags.append(it.blew_up.any())
                 values = (torch.stack([x.long() for x in flags]).tolist() if len(flags) > 1 else [bool(flags[0])])
@@ -513,6 +545,8 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
                 continue
             break
         step, status = it.step, it_status
+        if track_stopped and not values.pop():
+            plain.some_stopped = True
         if events is not None:
             _keep_event_step(events, values.pop(), crossed, g_new, method, rhs, tau, it.h, y, step, it.f_end,
                              lazy, lazy_evals)
