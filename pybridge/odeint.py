@@ -141,8 +141,9 @@ def _link_event_time(func, event_fn, t_star, y_star):
 def odeint_event(func, y0, t0, *, event_fn, reverse_time: bool = False, odeint_interface=None, **kwargs):
     """A drop-in for torchdiffeq.odeint_event: solve from t0 (backwards with reverse_time) until
     event_fn(t, y) crosses zero; returns (event_t, solution at (t0, event_t)), both differentiable
-    (pybridge's own odeint already links the event time's gradient, by the implicit function theorem).
-    odeint_interface: pb.odeint (the default); pb.odeint_adjoint does not take event_fn."""
+    (by the implicit function theorem at the crossing). odeint_interface: pb.odeint (the default:
+    gradients by backpropagation through the solve) or pb.odeint_adjoint (the state at the event
+    time by the continuous adjoint)."""
     interface = odeint if odeint_interface is None else odeint_interface
     t0 = torch.as_tensor(t0).reshape(-1)
     t = torch.cat([t0, t0.detach() + (-1.0 if reverse_time else 1.0)])

@@ -1,4 +1,5 @@
 """Per-sample failure codes, and clear errors for invalid input (each message asserted)."""
+import math
 import warnings
 
 import pytest
@@ -98,6 +99,69 @@ def test_lockstep_sample_whose_f_is_nan_at_y0_changes_nothing_for_the_others(sol
     torch.testing.assert_close(with_bad.ys[:, 1:], alone.ys, rtol=0, atol=0)
     torch.testing.assert_close(with_bad.trace.stiffness[1:], alone.trace.stiffness, rtol=1e-6, atol=0)
     assert float(alone.trace.stiffness[0, 0]) > 0.5
+
+
+@pytest.mark.parametrize("kw", [dict(solver=pb.Tsit5()), dict(solver=pb.Vern7()),
+                                dict(solver=pb.Tsit5(), adaptive=False, dt=0.01)], ids=["Tsit5", "Vern7", "fixed"])
+def test_lockstep_gradients_stay_finite_where_a_stopped_samples_f_has_no_derivative(kw):
+    """y' = p·√(y − t): sample 0 reaches y < t and fails. Evaluated at the running sample's time, its
+    row of f (and ∂f/∂p there) is NaN; the zero cotangent times that NaN reached p's gradient."""
+    y0 = torch.tensor([[0.05], [5.0]], dtype=torch.float64)
+    grads = []
+    for batch in ("lockstep", "independent"):
+        p = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+        f = lambda t, y: p * torch.sqrt(y - (t if t.dim() == 0 else t[:, None]))  # noqa: E731
+        with pytest.warns(RuntimeWarning, match="sample 0: Unstable"):
+            sol = pb.solve(pb.ODEProblem(f, y0, torch.linspace(0, 1, 5, dtype=torch.float64)), batch=batch,
+                           rtol=1e-8, atol=1e-10, **kw)
+        grads.append(torch.autograd.grad(sol.ys[-1, 1].sum(), p)[0])
+    assert torch.isfinite(grads[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-8, atol=0)
+
+
+def _fails_after(t_fail, row=0):
+    """f = cos(5t) (y = y0 + sin(5t)/5), NaN for sample `row` after t_fail; records its times."""
+    def f(t, y):
+        f.times.append(float(t.reshape(-1)[-1]))
+        bad = (torch.arange(y.shape[0])[:, None] == row) & (t.reshape(-1, 1) > t_fail)
+        return torch.where(bad, torch.nan, torch.cos(5 * t).reshape(-1, 1) * torch.ones_like(y))
+    f.times = []
+    return f
+
+
+def test_lockstep_lazy_interpolant_stages_get_the_running_samples_time():
+    """Vern7's lazy stages, for saves inside steps (fixed steps, no gradients) and for sol(t) at
+    τ < 0 (where a stopped sample's padded rows, τ = 0, were the latest): computed at a stopped
+    sample's time, sample 1's values came out wrong by up to 0.1."""
+    t = torch.linspace(0, 1, 41, dtype=torch.float64)         # saves strictly inside the dt = 0.1 steps
+    exact = torch.sin(5 * t) / 5
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="sample 0: Unstable"):
+        sol = pb.solve(pb.ODEProblem(_fails_after(0.3), torch.zeros(2, 1, dtype=torch.float64), t), pb.Vern7(),
+                       batch="lockstep", adaptive=False, dt=0.1)
+    torch.testing.assert_close(sol.ys[:, 1, 0], exact, rtol=0, atol=1e-10)
+    t = torch.linspace(-2, -1, 3, dtype=torch.float64)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="sample 0: Unstable"):
+        sol = pb.solve(pb.ODEProblem(_fails_after(-1.7), torch.zeros(2, 1, dtype=torch.float64), t), pb.Vern7(),
+                       batch="lockstep", dense=True, rtol=1e-10, atol=1e-12)
+        tq = torch.linspace(-1.5, -1.01, 7, dtype=torch.float64)
+        values = sol(tq)[:, 1, 0]
+    exact = (torch.sin(5 * tq) - math.sin(-10.0)) / 5
+    torch.testing.assert_close(values, exact, rtol=0, atol=1e-9)
+
+
+def test_lockstep_local_regularizer_steps_at_the_probe_time_after_a_failure():
+    """A sample (not the first) that fails after the shared probe time: the extra step's f got the
+    failure time instead of the probe's."""
+    for seed in range(10):
+        f = _fails_after(0.7, row=2)
+        with pytest.warns(RuntimeWarning, match="sample 2: Unstable"):
+            sol = pb.solve(pb.ODEProblem(f, torch.ones(3, 2, dtype=torch.float64), torch.linspace(0, 1, 5).double()),
+                           pb.Tsit5(), batch="lockstep", local_regularizer="unbiased", seed=seed, rtol=1e-6)
+        t_reg = float(sol.extras["t_reg"][0])
+        if t_reg < 0.6:
+            break
+    stages = f.times[-7:]          # the regularizer's step: Tsit5's 6 stages and f at its end
+    assert all(t_reg <= s <= t_reg + 0.1 for s in stages), (t_reg, stages)
 
 
 @pytest.mark.parametrize("kw", [dict(solver=pb.Tsit5()), dict(solver=pb.Vern7()), dict(solver=pb.Rodas5P()),

@@ -12,6 +12,7 @@ from .explicit_tableaus import EXPLICIT_TABLEAUS
 from .controller import Norm
 from .loop import LoopOptions, integrate
 from . import events, linear_solve
+from .stand_in import taking_part
 from .rosenbrock import Rosenbrock
 from .rosenbrock_tableaus import ROSENBROCK_TABLEAUS
 from .esdirk import ESDIRK
@@ -51,11 +52,6 @@ def _construct_method(family, name, dtype, device, stiff):
     raise ValueError(f"solver {name}() has no torch-engine implementation (family {family!r})")
 
 
-def lead_time(tau):
-    """The running samples' common τ in lockstep (see RightHandSide.time_arg), 0-d."""
-    return tau[0] if tau.shape[0] == 1 else tau.amax()
-
-
 class RightHandSide:
     """f in the loop's terms: τ = direction·t, states flattened to (B, n); checks f's first output."""
 
@@ -66,6 +62,7 @@ class RightHandSide:
         self.direction = direction
         self.flip = bool((direction < 0).any())
         self.scalar_time = scalar_time
+        self.shared_time = scalar_time and prob.batched   # (lockstep: see stand_in.py)
         self.y0 = prob.y0
         self.checked = False
         # The user's Jacobian describes prob.f only (not, e.g., an adjoint's augmented system).
@@ -73,13 +70,11 @@ class RightHandSide:
 
     def time_arg(self, tau):
         """The t that f receives for the loop's τ (B,): per sample, or one 0-d time (lockstep, one
-        sample). Running samples share τ in lockstep; one that stopped (failed, or ended by an event)
-        keeps the earlier τ it stopped at, so the latest τ is theirs (τ[0] went stale once sample 0
-        stopped, and the others were then solved with f at its time)."""
+        sample): the first row's, which callers make every row's (stand_in.taking_part) where rows
+        may disagree."""
         if not self.scalar_time:
             return tau * self.direction if self.flip else tau
-        lead = lead_time(tau)
-        return lead * self.direction[0] if self.flip else lead
+        return tau[0] * self.direction[0] if self.flip else tau[0]
 
     def __call__(self, tau, y):
         t_arg = self.time_arg(tau)
@@ -165,7 +160,8 @@ def attach_local_regularizer(sol, res, rhs, method, atol, rtol, lockstep, tau_sa
         tau_reg = torch.where(ok, tau_reg, res.tau)
         y_reg = torch.where(ok[:, None], y_reg, res.y_end)
     with torch.enable_grad():
-        r = local_error_step(rhs, method, tau_reg, y_reg, atol, rtol, Norm(lockstep), span, detach_k1, valid=ok)
+        r = local_error_step(taking_part(rhs, ok), method, tau_reg, y_reg, atol, rtol, Norm(lockstep), span,
+                             detach_k1, valid=ok)
         # One number per step in lockstep (as the papers), a per-sample mean otherwise.
         sol.local_regularizer = r[ok].mean() if bool(ok.any()) else torch.zeros((), dtype=r.dtype, device=r.device)
     sol.extras["t_reg"] = tau_reg * direction

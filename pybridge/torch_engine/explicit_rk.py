@@ -7,6 +7,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .controller import Norm, _safe_sqrt
+from .stand_in import taking_part
 from .tableau import ButcherTableau, StageWeights, combine, combine_rows
 
 
@@ -138,6 +139,8 @@ class ExplicitRK:
         step there may be a rejected or padded one whose stages are not finite)."""
         if not self.extra_stages or ks.shape[1] > len(self.c):
             return ks
+        if use is not None:
+            rhs = taking_part(rhs, use)
         hcol = h[:, None]
         stages = list(ks.unbind(1))
         for c, a in zip(self.extra_c, self.extra_a_rows):

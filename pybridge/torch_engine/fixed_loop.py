@@ -29,6 +29,7 @@ from ..progress import current_hook as progress_hook
 from ..solution import ReturnCode
 from .brownian import VirtualBrownianTree
 from .controller import Norm, constant, error_norm, rows_both_finite, rows_finite
+from .stand_in import taking_part
 from .loop import (SAVE_BUFFER_ELEMENTS, LoopResult, _assemble_saves, _flush_saves, _flush_stiffness, compiled,
                    as_later_iterations_state, end_saves, saves_end_only, stand_in_where_f_fails_at_start,
                    tolerance_inputs)
@@ -117,13 +118,14 @@ class FixedStep:
         self.has_stiffness_terms = hasattr(method, "stiffness_terms")
 
     def __call__(self, tau, y, h_grid, end, k1, alive, tau_prev, noise=()) -> FixedIteration:
-        method = self.method
+        method, rhs = self.method, self.rhs
         if self.guard:  # a stopped sample steps with h = 0 from its own last time and state
             h = torch.where(alive, h_grid, constant(0.0, h_grid))
             tau, end = torch.where(alive, tau, tau_prev), torch.where(alive, end, tau_prev)
+            rhs = taking_part(rhs, alive, k1)   # (lockstep: see stand_in.py)
         else:
             h = h_grid
-        step = method.step(self.rhs, tau, y, h, k1, *noise)
+        step = method.step(rhs, tau, y, h, k1, *noise)
         if not self.guard:
             h = None  # h_grid itself: returning an input costs the compiled call an alias replay
         eest = None
@@ -132,7 +134,7 @@ class FixedStep:
         # As in loop.Advance: the next step starts from (y1, f(t1, y1)), so both must be finite.
         f_end, extra_eval = method.end_derivative(step), False
         if f_end is None:
-            f_end, extra_eval = self.rhs(end, step.y1), True
+            f_end, extra_eval = rhs(end, step.y1), True
         alive = alive & rows_both_finite(step.y1, f_end)
         keep = alive[:, None]
         y_new = torch.where(keep, step.y1, y)

@@ -32,6 +32,7 @@ import torch
 
 from ..progress import SCALE as PROGRESS_SCALE, current_hook as progress_hook
 from ..solution import ReturnCode, succeeded
+from .stand_in import taking_part
 from .controller import (Norm, PIController, constant, error_norm, initial_step, rows_both_finite, rows_finite,
                          step_floor)
 
@@ -131,9 +132,9 @@ class Advance:
         # Fixed steps cannot retry; in lockstep one dt serves everyone, so a diverging sample is
         # stopped rather than allowed to shrink the batch's step. Otherwise it retries smaller.
         self.stop_diverged = not opts.adaptive or opts.lockstep
-        # Lockstep with gradients: once a sample has stopped (set by the loop, from `flags`), f's
-        # rows of stopped samples are replaced by their last derivative (FrozenRows).
-        self.track_stopped = opts.lockstep and guard_blowups
+        # Lockstep: whether a sample has stopped (set by the loop, from `flags`); from then on the
+        # stopped samples' rows of f are stood in for (stand_in.py), and take k1 (a step y + 0·k1).
+        self.track_stopped = opts.lockstep
         self.some_stopped = False
 
     def aim(self, tau, dt, active, next_save):
@@ -182,7 +183,7 @@ class Advance:
         if frozen is not None:  # (the controller still sees the step it would have taken)
             h_step, judged = torch.where(frozen, self.zero, h), active & ~frozen
         if self.track_stopped and (self.some_stopped or frozen is not None):
-            rhs = FrozenRows(rhs, ~active if frozen is None else ~active | frozen, k1)
+            rhs = taking_part(rhs, active if frozen is None else active & ~frozen, k1)
         if noise is None:
             step = method.step(rhs, tau, y, h_step, k1)
         else:
@@ -261,23 +262,10 @@ class Advance:
                          f_end, extra_eval, stiff, stiff_terms, blew_up, flags)
 
 
-class FrozenRows:
-    """The right-hand side of a lockstep step that records gradients: f gets one time for the batch,
-    the running samples' stage time, at which a stopped or frozen sample's f need not be finite (its
-    time may be why it failed), and 0·NaN in its step y + 0·k, or in the backward pass of f through
-    its masked-out rows, would reach the gradients of what the samples share. Those rows get their
-    last derivative k1 instead, and their state enters f detached."""
-
-    def __init__(self, rhs, frozen, k1):
-        self.rhs, self.rows, self.k1 = rhs, frozen[:, None], k1
-
-    def __call__(self, tau, y):
-        return torch.where(self.rows, self.k1, self.rhs(tau, torch.where(self.rows, y.detach(), y)))
-
-    def jacobian(self, tau, y):
-        user_jac = getattr(self.rhs, "jacobian", None)
-        J = user_jac(tau, y) if user_jac is not None else None
-        return None if J is None else torch.where(self.rows[..., None], 0.0, J)
+def _note_a_sample_stopped(advance):
+    """Lockstep: from now on the iteration stands in for the stopped samples' rows of f
+    (stand_in.py): their times are behind the running samples', and their f need not be finite."""
+    advance.some_stopped = True
 
 
 def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, atol, rtol,
@@ -489,8 +477,8 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
     plain = native or Advance(rhs, method, norm, controller, opts, atol, rtol, tau_save, dtmax, guard_blowups)
     advance = compiled(plain, device) if opts.compile else plain
     track_stopped = getattr(plain, "track_stopped", False)
-    if track_stopped:
-        plain.some_stopped = failed_at_start is not None
+    if opts.lockstep and failed_at_start is not None:
+        _note_a_sample_stopped(plain)
     # An SDE step's Brownian increments come from host-side tree walks and look-ahead checks, which
     # do not trace: a compiled loop draws them eagerly for the step it is about to take.
     draw_outside = opts.compile and hasattr(method, "increments")
@@ -542,11 +530,13 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
             # (values: the loop's one read from the device per iteration)
             if it.blew_up is not None and values.pop():
                 frozen = it.blew_up
+                if opts.lockstep:   # (a frozen sample steps h = 0, then stops)
+                    _note_a_sample_stopped(plain)
                 continue
             break
         step, status = it.step, it_status
         if track_stopped and not values.pop():
-            plain.some_stopped = True
+            _note_a_sample_stopped(plain)
         if events is not None:
             _keep_event_step(events, values.pop(), crossed, g_new, method, rhs, tau, it.h, y, step, it.f_end,
                              lazy, lazy_evals)

@@ -26,6 +26,7 @@ import torch.autograd.forward_ad as forward_ad
 from ..solution import ReturnCode
 from .controller import PIController
 from .explicit_rk import ExplicitRK, RKStep
+from .stand_in import taking_part
 from .loop import Iteration, end_targets
 from .native_build import NativeLibrary
 
@@ -141,7 +142,8 @@ class NativeAdvance:
 
     def __init__(self, rhs, method, controller, opts, atol, rtol, tau_save, dtmax, y0, saves=False,
                  keep_stages=True):
-        self.rhs, self.method = rhs, method
+        self.rhs, self.method, self.lockstep = rhs, method, opts.lockstep
+        self.some_stopped = False   # (lockstep: see loop.Advance.track_stopped)
         dtype = tau_save.dtype
         (B, T), n = tau_save.shape, y0.shape[1]
         setup_type, self.aim_fn, self.combine_fn, self.judge_fn, self.first_fns = _kernels[dtype]
@@ -234,7 +236,8 @@ class NativeAdvance:
             rows = [torch.empty_like(y) for _ in range(s)]
         self.aim_fn(self.setup_ref, tau.data_ptr(), dt.data_ptr(), status.data_ptr(), F.data_ptr(), U.data_ptr())
 
-        ks, args = self.method.stages(self.rhs, tau, y, h, k1, self._stage_argument(y, h, rows), times)
+        rhs = taking_part(self.rhs, active, k1) if self.some_stopped else self.rhs
+        ks, args = self.method.stages(rhs, tau, y, h, k1, self._stage_argument(y, h, rows), times)
         ks[s - 1] = _plain(ks[s - 1], y)
         self.stage_ptrs[s - 1] = ks[s - 1].data_ptr()
         if self.fsal:
@@ -243,7 +246,7 @@ class NativeAdvance:
             y1 = rows[s - 1]
             self.combine_fn(y1.data_ptr(), y.data_ptr(), h.data_ptr(), self.stage_ptrs, self.b.data_ptr(), s, B, n,
                             self.setup.fused)
-            f_end = _plain(self.rhs(t_end, y1), y)
+            f_end = _plain(rhs(t_end, y1), y)
             extra_eval = accept
         i, j = self.pair
         (k_i, k_j), (g_i, g_j) = self.method.stiffness_operands(ks.__getitem__, s, (args.get(i), args.get(j)),
@@ -256,6 +259,7 @@ class NativeAdvance:
             0 if K is None else K.data_ptr(), tau.data_ptr(), dt.data_ptr(), status.data_ptr(), errold.data_ptr(),
             k_i.data_ptr(), k_j.data_ptr(), g_i.data_ptr(), g_j.data_ptr(),
             F.data_ptr(), U.data_ptr(), Y.data_ptr(), status_new.data_ptr())
+        self.some_stopped = self.some_stopped or (self.lockstep and still_running < B)
         step = RKStep(y1, None, K, (args.get(i), args.get(j)), s - 1)
         return Iteration(tau_new, y_new, k1_new, dt_new, errold_new, status_new, running, step, h, eest, accept,
                          hit, self._held["tau_end"], f_end, extra_eval, stiff, None, None, still_running > 0)

@@ -21,8 +21,7 @@ import torch
 from ..regularization import parse_local_regularizer
 from .brownian import VirtualBrownianTree
 from .controller import Norm, PIController, step_floor
-from .engine import (RightHandSide, _per_component, _probe, _to_solution, attach_local_regularizer, check_output,
-                     lead_time)
+from .engine import RightHandSide, _per_component, _probe, _to_solution, attach_local_regularizer, check_output
 from .loop import LoopOptions, integrate
 from .sde_tableaus import SRA_TABLEAUS, SRI_TABLEAUS
 
@@ -84,7 +83,9 @@ class Diffusion:
                           "mode, also triggers this)", RuntimeWarning, stacklevel=6)
 
     def __call__(self, tau, y):
-        out = self.g(lead_time(tau) if self.scalar_time else tau, y.reshape(self.shape))
+        # (lockstep: the drift's calls make every row's time the first row's, stand_in.py; a step's
+        # g calls are not wrapped, and a stopped sample's τ is behind the running samples')
+        out = self.g(tau.amax() if self.scalar_time else tau, y.reshape(self.shape))
         if self.mode == "matrix":
             return out.reshape(y.shape[0], y.shape[1], self.m)
         return out.reshape(y.shape)
