@@ -308,3 +308,23 @@ def test_a_compiled_stiff_solve_with_the_native_lu_compiles_one_graph(monkeypatc
     assert sum(counters["graph_break"].values()) == breaks and counters["stats"]["unique_graphs"] - graphs == 1
     assert native_lu.library() is None or list(tmp_path.glob("small_lu-*.so"))
     torch.testing.assert_close(sol.ys, pb.solve(prob, pb.Rodas5P(), rtol=1e-6, atol=1e-8).ys, rtol=1e-12, atol=1e-12)
+
+
+def test_a_compiled_lockstep_solve_with_a_stopped_sample_compiles_without_breaks():
+    """After a sample stops, lockstep iterations stand in for its rows of f (stand_in.py): indexing
+    with a device index read it on the host and broke the compiled step. Gradients match eager."""
+    from torch._dynamo.utils import counters
+
+    p = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+
+    def f(t, y):   # sample 1 fails after t = 0.3
+        return torch.where((torch.arange(3)[:, None] == 1) & (t > 0.3), torch.nan, -p * y * torch.cos(t))
+    prob = pb.ODEProblem(f, torch.ones(3, 1, dtype=torch.float64), T)
+    grads = []
+    for compile in (True, False):
+        breaks = sum(counters["graph_break"].values())
+        with pytest.warns(RuntimeWarning, match="sample 1: Unstable"):
+            sol = pb.solve(prob, pb.Tsit5(), batch="lockstep", rtol=1e-8, atol=1e-10, compile=compile)
+        assert sum(counters["graph_break"].values()) == breaks
+        grads.append(torch.autograd.grad(sol.ys[-1, [0, 2]].sum(), p)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=0)

@@ -110,8 +110,10 @@ class FixedIteration(NamedTuple):
 class FixedStep:
     """The tensor work of one fixed step; pure, so that compile=True runs it as one graph."""
 
-    def __init__(self, rhs, method, norm, atol, rtol, guard, keep_stages):
+    def __init__(self, rhs, method, norm, atol, rtol, guard, keep_stages, stand_in=False):
         self.rhs, self.method, self.norm, self.atol, self.rtol, self.guard = rhs, method, norm, atol, rtol, guard
+        # The re-run with samples stopped (see integrate_fixed) stands in for their rows of f (stand_in.py).
+        self.stand_in = guard and stand_in
         # The stages are only kept to interpolate save points; unreturned, a compiled step need not
         # write them (or replay them as a view of its input k1, as an SDE step's are).
         self.keep_stages = keep_stages
@@ -122,7 +124,8 @@ class FixedStep:
         if self.guard:  # a stopped sample steps with h = 0 from its own last time and state
             h = torch.where(alive, h_grid, constant(0.0, h_grid))
             tau, end = torch.where(alive, tau, tau_prev), torch.where(alive, end, tau_prev)
-            rhs = taking_part(rhs, alive, k1)   # (lockstep: see stand_in.py)
+            if self.stand_in:
+                rhs = taking_part(rhs, alive, k1)   # (lockstep: see stand_in.py)
         else:
             h = h_grid
         step = method.step(rhs, tau, y, h, k1, *noise)
@@ -161,7 +164,8 @@ def integrate_fixed(rhs, method, tau_save, y0, atol, rtol, opts, grid: StepGrid,
     if opts.compile:
         atol, rtol = tolerance_inputs(atol, rtol, dtype, device)
     end_only = saves_end_only(opts, tau_save.shape[1])
-    advance = FixedStep(rhs, method, norm, atol, rtol, guard, keep_stages=not (opts.stop_at_saves or end_only))
+    advance = FixedStep(rhs, method, norm, atol, rtol, guard, keep_stages=not (opts.stop_at_saves or end_only),
+                        stand_in=stop_at is not None)
     if opts.compile:
         advance = compiled(advance, device)
     on_progress = progress_hook()

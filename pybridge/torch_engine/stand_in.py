@@ -7,6 +7,11 @@ left out can still hurt: its f, evaluated at the batch's time, may not be finite
 cotangent times a non-finite partial derivative is NaN in the gradients of what the samples share.
 So in lockstep such calls feed every row left out the first taking-part row's time and detached
 state (both finite where that row's are), and give it `fill` (or that row's value) back.
+
+Not covered: a row whose f is not finite at that time because of its own sample's data (per-sample
+constants inside f) still reaches shared gradients, since one call of f serves the whole batch
+(batch="independent" keeps each sample at its own time); and an SDE's diffusion g, whose calls
+come from inside the SDE step, takes the latest τ of the batch but is not stood in.
 """
 from __future__ import annotations
 
@@ -16,11 +21,13 @@ import torch
 class StandInRows:
     def __init__(self, rhs, taking_part, fill=None):
         self.rhs, self.idle, self.fill = rhs, ~taking_part, fill
-        self.lead = taking_part.long().argmax()   # (the first taking-part row; on the device)
+        # The first taking-part row, as a (1,) index on the device (indexing with a 0-d tensor would
+        # read it on the host, and break a compiled graph).
+        self.lead = taking_part.long().argmax().reshape(1)
 
     def _inputs(self, tau, y):
-        return (torch.where(self.idle, tau[self.lead], tau),
-                torch.where(self.idle[:, None], y[self.lead].detach(), y))
+        return (torch.where(self.idle, tau.index_select(0, self.lead), tau),
+                torch.where(self.idle[:, None], y.index_select(0, self.lead).detach(), y))
 
     def __call__(self, tau, y):
         out = self.rhs(*self._inputs(tau, y))
