@@ -119,23 +119,16 @@ def _link_event_time(func, event_fn, t_star, y_star):
     """(t*, y*) with gradients: t* − (g − ḡ)/(dg/dt) (its value t*, its gradient −(dg/dp)/(dg/dt), the
     component nearest zero being the one that crossed) and y* + f·(t − t*) (y*'s own gradient plus
     the motion of the event time)."""
-    with torch.enable_grad():
-        t_var, y_var = t_star.detach().requires_grad_(True), y_star.detach().requires_grad_(True)
-        g = torch.as_tensor(event_fn(t_var, y_var)).reshape(-1)
-        which = int(g.detach().abs().argmin())
-        partial_t, partial_y = (torch.autograd.grad(g[which], (t_var, y_var), allow_unused=True)
-                                if g.requires_grad else (None, None))
+    from .torch_engine.events import linked_root, slope_along
+
+    t_star = t_star.detach()
+    g_all = torch.as_tensor(event_fn(t_star, y_star)).reshape(-1)
+    which = int(g_all.detach().abs().argmin())
+    g_component = lambda t, y: torch.as_tensor(event_fn(t, y)).reshape(-1)[which]  # noqa: E731
     with torch.no_grad():
         f_star = func(t_star, y_star)
-    slope = torch.zeros_like(t_star)
-    if partial_t is not None:
-        slope = slope + partial_t
-    if partial_y is not None:
-        slope = slope + (partial_y * f_star).sum()
-    g_star = torch.as_tensor(event_fn(t_star.detach(), y_star)).reshape(-1)[which]
-    ratio = g_star / slope if bool(slope != 0) else g_star * 0
-    event_t = t_star.detach() - (ratio - ratio.detach())
-    return event_t, y_star + f_star * (event_t - t_star.detach())
+    event_t = linked_root(t_star, g_all[which], slope_along(g_component, t_star, y_star, f_star))
+    return event_t, y_star + f_star * (event_t - t_star)
 
 
 def odeint_event(func, y0, t0, *, event_fn, reverse_time: bool = False, odeint_interface=None, **kwargs):

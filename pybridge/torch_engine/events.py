@@ -16,9 +16,6 @@ from typing import Callable, Optional
 import torch
 from torch.autograd import forward_ad
 
-DIRECTIONS = {0: "either", 1: "up", -1: "down"}
-
-
 class EventWatch:
     """g in the loop's terms (τ, y (B, n)) → (B, m), and the crossings it has seen."""
 
@@ -133,29 +130,40 @@ class EventWatch:
             return found, tau_star, y_star
         # Implicit function theorem at the root g(τ, y(τ)) = 0: the value stays τ*, and the
         # gradient becomes −(dg/dp at fixed τ)/(dg/dτ) (where both are finite and the slope is not 0).
-        g_star = self(tau_star, y_star).gather(1, which)[:, 0]
-        slope = self._slope(y_at, tau, torch.where(found, h, 1.0), theta, tau_star, y_star, which)
-        ok = found & (slope != 0) & torch.isfinite(slope) & torch.isfinite(g_star.detach())
-        ratio = torch.where(ok, g_star / torch.where(ok, slope, 1.0), 0.0)
-        tau_evt = tau_star - (ratio - ratio.detach())
-        return found, tau_evt, y_at(theta + (tau_evt - tau_star) / torch.where(found, h, 1.0))
+        g_component = lambda t, y: self(t, y).gather(1, which)[:, 0]  # noqa: E731  (the one that crossed)
+        safe_h = torch.where(found, h, 1.0)
+        slope = slope_along(g_component, tau_star, y_star, self._rate(y_at, theta, safe_h))
+        tau_evt = linked_root(tau_star, g_component(tau_star, y_star), slope, found)
+        return found, tau_evt, y_at(theta + (tau_evt - tau_star) / safe_h)
 
-    def _slope(self, y_at, tau, h, theta, tau_star, y_star, which):
-        """dg/dτ along the trajectory at τ*, detached: ∂g/∂τ + ∂g/∂y · dy/dτ, with dy/dτ the
-        interpolant's own derivative (forward mode through our polynomial, not through g)."""
+    @staticmethod
+    def _rate(y_at, theta, h):
+        """dy/dτ at θ: the interpolant's own derivative (forward mode through our polynomial), detached."""
         with torch.no_grad(), forward_ad.dual_level():
-            dual = forward_ad.make_dual(theta, 1.0 / h)
-            dy = forward_ad.unpack_dual(y_at(dual)).tangent
-        dy = torch.zeros_like(y_star) if dy is None else dy
-        with torch.enable_grad():
-            t_var = tau_star.detach().requires_grad_(True)
-            y_var = y_star.detach().requires_grad_(True)
-            g = self(t_var, y_var).gather(1, which)[:, 0]
-            if not g.requires_grad:
-                return torch.zeros_like(tau_star)
-            dt, dy_g = torch.autograd.grad(g.sum(), (t_var, y_var), allow_unused=True)
-        slope = (dy_g * dy).sum(1) if dy_g is not None else torch.zeros_like(tau_star)
-        return slope + dt if dt is not None else slope
+            y = y_at(forward_ad.make_dual(theta, 1.0 / h))
+            rate = forward_ad.unpack_dual(y).tangent
+        return torch.zeros_like(y) if rate is None else rate
+
+
+def slope_along(g, t, y, rate):
+    """dg/dt along a trajectory through (t, y) moving at dy/dt = rate, detached: ∂g/∂t + ∂g/∂y·rate
+    (0 where g depends on neither). g(t, y) gives one value per row of t ((B,), or 0-d)."""
+    with torch.enable_grad():
+        t_var, y_var = t.detach().requires_grad_(True), y.detach().requires_grad_(True)
+        out = g(t_var, y_var)
+        if not out.requires_grad:
+            return torch.zeros_like(t)
+        dg_dt, dg_dy = torch.autograd.grad(out.sum(), (t_var, y_var), allow_unused=True)
+    slope = torch.zeros_like(t) if dg_dt is None else dg_dt.detach()
+    return slope if dg_dy is None else slope + (dg_dy * rate).flatten(t.dim()).sum(-1)
+
+
+def linked_root(t_star, g_star, slope, ok=True):
+    """The root t* of g in value, with the gradient the implicit function theorem gives it,
+    −(dg/dp at fixed t)/slope (none where the slope is 0 or a value is not finite, or not ok)."""
+    ok = ok & (slope != 0) & torch.isfinite(slope) & torch.isfinite(g_star.detach())
+    ratio = torch.where(ok, g_star / torch.where(ok, slope, 1.0), 0.0)
+    return t_star - (ratio - ratio.detach())
 
 
 def after_event(tau_save, tau_evt, found):

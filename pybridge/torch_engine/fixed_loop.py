@@ -113,7 +113,7 @@ class FixedStep:
     def __init__(self, rhs, method, norm, atol, rtol, guard, keep_stages, stand_in=False):
         self.rhs, self.method, self.norm, self.atol, self.rtol, self.guard = rhs, method, norm, atol, rtol, guard
         # The re-run with samples stopped (see integrate_fixed) stands in for their rows of f (stand_in.py).
-        self.stand_in = guard and stand_in
+        self.stand_in = stand_in
         # The stages are only kept to interpolate save points; unreturned, a compiled step need not
         # write them (or replay them as a view of its input k1, as an SDE step's are).
         self.keep_stages = keep_stages

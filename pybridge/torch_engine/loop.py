@@ -32,6 +32,7 @@ import torch
 
 from ..progress import SCALE as PROGRESS_SCALE, current_hook as progress_hook
 from ..solution import ReturnCode, succeeded
+from .events import after_event
 from .stand_in import taking_part
 from .controller import (Norm, PIController, constant, error_norm, initial_step, rows_both_finite, rows_finite,
                          step_floor)
@@ -99,7 +100,7 @@ class Iteration(NamedTuple):
     stiffness_terms: Optional[tuple]    # ... to these terms (batched later, see _flush_stiffness)
     blew_up: Optional[torch.Tensor]     # (B,) active samples whose step is not finite (with guard_blowups)
     flags: object                       # any running[, all running (track_stopped)][, any blew up]: the
-                                        # loop reads it (a bool where the iteration ran in C: native_rk)
+                                        # loop reads it (bools where the iteration ran in C: native_rk)
 
 
 def end_targets(tau_save):
@@ -260,12 +261,6 @@ class Advance:
         flags = flags[0] if len(flags) == 1 else torch.stack(flags)
         return Iteration(tau_new, y_new, k1, dt, errold, status, running, step, h, eest, accept, hit, target,
                          f_end, extra_eval, stiff, stiff_terms, blew_up, flags)
-
-
-def _note_a_sample_stopped(advance):
-    """Lockstep: from now on the iteration stands in for the stopped samples' rows of f
-    (stand_in.py): their times are behind the running samples', and their f need not be finite."""
-    advance.some_stopped = True
 
 
 def integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, atol, rtol,
@@ -476,9 +471,9 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
     guard_blowups = torch.is_grad_enabled()
     plain = native or Advance(rhs, method, norm, controller, opts, atol, rtol, tau_save, dtmax, guard_blowups)
     advance = compiled(plain, device) if opts.compile else plain
-    track_stopped = getattr(plain, "track_stopped", False)
-    if opts.lockstep and failed_at_start is not None:
-        _note_a_sample_stopped(plain)
+    # Lockstep: once a sample has stopped, the iteration stands in for its rows of f (stand_in.py).
+    track_stopped = plain.track_stopped
+    plain.some_stopped = track_stopped and failed_at_start is not None
     # An SDE step's Brownian increments come from host-side tree walks and look-ahead checks, which
     # do not trace: a compiled loop draws them eagerly for the step it is about to take.
     draw_outside = opts.compile and hasattr(method, "increments")
@@ -509,7 +504,7 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
             # (running is it.running unless max_steps just stopped the samples still running)
             if defer_saves and on_progress is None and running is it.running:
                 values = it.flags.tolist() if isinstance(it.flags, torch.Tensor) else it.flags  # (see Iteration.flags)
-                values = values if isinstance(values, list) else [values]
+                values = list(values) if isinstance(values, list) else [values]
             else:
                 if defer_saves:
                     flags = [running.any()]
@@ -530,13 +525,12 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
             # (values: the loop's one read from the device per iteration)
             if it.blew_up is not None and values.pop():
                 frozen = it.blew_up
-                if opts.lockstep:   # (a frozen sample steps h = 0, then stops)
-                    _note_a_sample_stopped(plain)
+                plain.some_stopped = track_stopped   # (a frozen sample steps h = 0, then stops)
                 continue
             break
         step, status = it.step, it_status
         if track_stopped and not values.pop():
-            _note_a_sample_stopped(plain)
+            plain.some_stopped = True
         if events is not None:
             _keep_event_step(events, values.pop(), crossed, g_new, method, rhs, tau, it.h, y, step, it.f_end,
                              lazy, lazy_evals)
@@ -635,7 +629,6 @@ def _integrate(rhs: Callable, method, tau_save: torch.Tensor, y0: torch.Tensor, 
           else plain.saved() if inline_saves else _assemble_saves(y0, saved_vals, saved_idx, T))
     event = None
     if events is not None:
-        from .events import after_event
         event = events.locate(method, B, dtype, device)
         tau_evt, _, found = event
         ys = torch.where(after_event(tau_save, tau_evt, found)[..., None], math.nan, ys)

@@ -142,8 +142,8 @@ class NativeAdvance:
 
     def __init__(self, rhs, method, controller, opts, atol, rtol, tau_save, dtmax, y0, saves=False,
                  keep_stages=True):
-        self.rhs, self.method, self.lockstep = rhs, method, opts.lockstep
-        self.some_stopped = False   # (lockstep: see loop.Advance.track_stopped)
+        self.rhs, self.method = rhs, method
+        self.track_stopped, self.some_stopped = opts.lockstep, False   # (as loop.Advance's)
         dtype = tau_save.dtype
         (B, T), n = tau_save.shape, y0.shape[1]
         setup_type, self.aim_fn, self.combine_fn, self.judge_fn, self.first_fns = _kernels[dtype]
@@ -259,7 +259,7 @@ class NativeAdvance:
             0 if K is None else K.data_ptr(), tau.data_ptr(), dt.data_ptr(), status.data_ptr(), errold.data_ptr(),
             k_i.data_ptr(), k_j.data_ptr(), g_i.data_ptr(), g_j.data_ptr(),
             F.data_ptr(), U.data_ptr(), Y.data_ptr(), status_new.data_ptr())
-        self.some_stopped = self.some_stopped or (self.lockstep and still_running < B)
         step = RKStep(y1, None, K, (args.get(i), args.get(j)), s - 1)
+        flags = [still_running > 0, still_running == B] if self.track_stopped else still_running > 0
         return Iteration(tau_new, y_new, k1_new, dt_new, errold_new, status_new, running, step, h, eest, accept,
-                         hit, self._held["tau_end"], f_end, extra_eval, stiff, None, None, still_running > 0)
+                         hit, self._held["tau_end"], f_end, extra_eval, stiff, None, None, flags)
